@@ -21,3 +21,11 @@ def _refuse(o: Any) -> Any:
 def digest(obj: Any) -> str:
     """sha256 hex of the canonical JSON of ``obj``."""
     return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def catalog_digest(entries: list[dict[str, Any]]) -> str:
+    """CAT-2: sha256 of the canonical JSON of all entries, ordered by (kind, id); an absent
+    body counts as ``{}``. Agent and coordinator both compute it here."""
+    norm = sorted(({"kind": e["kind"], "id": e["id"], "body": e.get("body") or {}} for e in entries),
+                  key=lambda e: (e["kind"], e["id"]))
+    return digest(norm)

@@ -1,0 +1,47 @@
+"""``node show NODE`` — facts, versions, labels, catalog, session, bad-message counters (CLI-5).
+
+Wire: ADMIN {command: "node show", args: {node}} → RESULT {node: detail}; unknown → NodeNotFound.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..command import Command
+from ..render import human_size, rfc3339
+from ._args import NODE
+
+
+class NodeShow(Command):
+    name = "node show"
+    summary = "show one node in detail"
+    args = (NODE,)
+
+    async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
+        from ..views import node_detail
+        return {"node": node_detail(ctx, ctx.nodes.get(args["node"]), ctx.nodes.clock())}
+
+    def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
+        n = result["node"]
+        st = n["storage"]
+        lines = [
+            f"node:        {n['node_id']}",
+            f"address:     {n['address']}  blob {n['blob_endpoint']}",
+            f"health:      {n['health']}   admin: {n['admin_state']}   placeable: {n['placeable']}",
+            f"last seen:   {rfc3339(n['last_seen'])}",
+            f"storage:     {human_size(st['used'])} used of {human_size(st['total'])} "
+            f"({st['usage']}%, {st['mode']}), {human_size(st['free'])} free",
+            f"memory free: {human_size(n['mem_free'])}   sandboxes: {n['sandboxes']}",
+            f"session:     {n['session']['id'] or '-'} since {rfc3339(n['session']['started'])}, "
+            f"beat {n['session']['heartbeat_seq']}, interval {n['session']['interval_ms']}ms",
+            f"catalog:     epoch {n['catalog']['epoch'][:12] or '-'} seq {n['catalog']['seq']} "
+            f"{'complete' if n['catalog']['complete'] else 'incomplete'} "
+            f"(node reports seq {n['catalog']['reported_seq']})",
+            f"bad messages: {n['bad_messages']['refused']} refused, {n['bad_messages']['dropped']} dropped",
+            "capabilities: " + ", ".join(f"{k}={v}" for k, v in n["capabilities"].items()),
+            "labels:      " + (", ".join(f"{k}={v}" for k, v in n["labels"].items()) or "-"),
+            "versions:",
+            *[f"  {k}: {v or 'unknown'}" for k, v in n["versions"].items()],
+            "facts:",
+            *[f"  {k}: {v}" for k, v in n["facts"].items()],
+        ]
+        console.print("\n".join(lines), highlight=False, markup=False)

@@ -1,0 +1,24 @@
+"""What a command's ``execute`` may use in the coordinator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ..config import CoordinatorConfig
+    from ..events import EventBus
+    from ..nodes import NodeRegistry
+    from ..peers import PeerTable
+
+
+@dataclass(slots=True)
+class AdminContext:
+    config: "CoordinatorConfig"
+    engine: "Engine"
+    nodes: "NodeRegistry"
+    events: "EventBus"
+    peers: "PeerTable"
+    # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
+    progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

@@ -1,0 +1,37 @@
+"""Shared CLI rendering helpers: fixed human columns (CLI-2), RFC 3339 times (CONV-3)."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def rfc3339(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{n}B"
+
+
+def ago(ms: int | None) -> str:
+    if ms is None:
+        return "never"
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def kv_lines(d: dict[str, Any], indent: str = "  ") -> list[str]:
+    return [f"{indent}{k}: {v}" for k, v in d.items()]

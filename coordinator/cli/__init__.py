@@ -1,0 +1,1 @@
+"""tcctl: the admin CLI, a thin client of the coordinator's admin endpoint."""

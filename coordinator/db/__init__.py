@@ -1,0 +1,1 @@
+"""The coordinator database: typed models, engine set-up and Alembic migrations."""

@@ -1,0 +1,142 @@
+"""Node rows: the few statements the node registry needs, each one short transaction.
+
+Called from worker threads (``asyncio.to_thread``) so the event loop never waits on the
+database. Hot data (``last_seen``, storage) is written in batches with Core ``executemany``
+(NODE-9, TOOLS.md §5); low-rate changes use plain statements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from .models import Node, NodeCatalogEntry, NodeVersion
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRow:
+    node_id: str
+    last_seen_ms: int
+    storage: dict[str, int] | None
+    storage_at_ms: int | None
+    mem_free: int | None
+    sandboxes: int
+
+
+def load_nodes(engine: Engine) -> list[dict[str, Any]]:
+    """Every node row with its versions, for the registry's start-up load."""
+    with engine.connect() as conn:
+        nodes = [dict(r._mapping) for r in conn.execute(select(Node.__table__))]
+        versions: dict[str, dict[str, str]] = {}
+        for r in conn.execute(select(NodeVersion.__table__)):
+            versions.setdefault(r.node_id, {})[r.component] = r.version
+    for n in nodes:
+        n["versions"] = versions.get(n["id"], {})
+    return nodes
+
+
+def upsert_hello(engine: Engine, *, node_id: str, now_ms: int, address: str, blob_endpoint: str,
+                 labels: dict[str, str], capabilities: dict[str, bool], facts: dict[str, Any] | None,
+                 facts_digest: str, versions: dict[str, str] | None, versions_digest: str) -> bool:
+    """Create the node on its first HELLO (NODE-1) or refresh it; ``facts``/``versions`` are
+    None when their digest is unchanged, so they are not rewritten (NODE-9). Returns True if created."""
+    with engine.begin() as conn:
+        exists = conn.execute(select(Node.id).where(Node.id == node_id)).first() is not None
+        values: dict[str, Any] = dict(address=address, blob_endpoint=blob_endpoint, labels=labels,
+                                      capabilities=capabilities, last_seen_ms=now_ms, updated_ms=now_ms)
+        if facts is not None:
+            values.update(facts=facts, facts_digest=facts_digest)
+        if versions is not None:
+            values.update(versions_digest=versions_digest)
+        if exists:
+            conn.execute(update(Node).where(Node.id == node_id).values(**values))
+        else:
+            values.setdefault("facts", facts or {})
+            values.setdefault("facts_digest", facts_digest)
+            values.setdefault("versions_digest", versions_digest)
+            conn.execute(insert(Node).values(
+                id=node_id, admin_state="ACTIVE", catalog_epoch="", catalog_seq=0, catalog_digest="",
+                sandboxes=0, created_ms=now_ms, **values))
+        if versions is not None:
+            _replace_versions(conn, node_id, versions)
+    return not exists
+
+
+def write_versions(engine: Engine, node_id: str, versions: dict[str, str], digest: str, now_ms: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Node).where(Node.id == node_id).values(versions_digest=digest, updated_ms=now_ms))
+        _replace_versions(conn, node_id, versions)
+
+
+def _replace_versions(conn: Any, node_id: str, versions: dict[str, str]) -> None:
+    conn.execute(delete(NodeVersion).where(NodeVersion.node_id == node_id))
+    if versions:
+        conn.execute(insert(NodeVersion), [{"node_id": node_id, "component": k, "version": v}
+                                           for k, v in sorted(versions.items())])
+
+
+def flush_seen(engine: Engine, rows: Iterable[SeenRow]) -> int:
+    """One transaction for a batch of heartbeats: last value per node (NODE-9)."""
+    params = []
+    for r in rows:
+        st = r.storage or {}
+        params.append({"b_id": r.node_id, "last_seen_ms": r.last_seen_ms, "storage_total": st.get("total"),
+                       "storage_used": st.get("used"), "storage_free": st.get("free"),
+                       "storage_at_ms": r.storage_at_ms, "mem_free": r.mem_free, "sandboxes": r.sandboxes})
+    if not params:
+        return 0
+    from sqlalchemy import bindparam
+    stmt = (update(Node.__table__).where(Node.__table__.c.id == bindparam("b_id"))
+            .values(last_seen_ms=bindparam("last_seen_ms"), storage_total=bindparam("storage_total"),
+                    storage_used=bindparam("storage_used"), storage_free=bindparam("storage_free"),
+                    storage_at_ms=bindparam("storage_at_ms"), mem_free=bindparam("mem_free"),
+                    sandboxes=bindparam("sandboxes")))
+    with engine.begin() as conn:
+        conn.execute(stmt, params)
+    return len(params)
+
+
+def set_admin_state(engine: Engine, node_id: str, state: str, now_ms: int) -> bool:
+    """Persist the admin state (NODE-4); False if the node does not exist."""
+    with engine.begin() as conn:
+        res = conn.execute(update(Node).where(Node.id == node_id).values(admin_state=state, updated_ms=now_ms))
+        return res.rowcount == 1
+
+
+def replace_mirror(engine: Engine, node_id: str, epoch: str, seq: int, digest: str,
+                   entries: list[dict[str, Any]]) -> None:
+    """Swap a node's catalog mirror in one transaction (CAT-5)."""
+    with engine.begin() as conn:
+        conn.execute(delete(NodeCatalogEntry).where(NodeCatalogEntry.node_id == node_id))
+        if entries:
+            conn.execute(insert(NodeCatalogEntry), [
+                {"node_id": node_id, "kind": e["kind"], "entry_id": e["id"], "body": e.get("body") or {}}
+                for e in entries])
+        conn.execute(update(Node).where(Node.id == node_id).values(
+            catalog_epoch=epoch, catalog_seq=seq, catalog_digest=digest))
+
+
+def apply_delta(engine: Engine, node_id: str, to_seq: int, digest: str, upserts: list[dict[str, Any]],
+                deletes: list[dict[str, Any]]) -> None:
+    """Apply one catalog delta (CAT-4): the caller has checked epoch and from_seq."""
+    with engine.begin() as conn:
+        for e in deletes:
+            conn.execute(delete(NodeCatalogEntry).where(
+                NodeCatalogEntry.node_id == node_id, NodeCatalogEntry.kind == e["kind"],
+                NodeCatalogEntry.entry_id == e["id"]))
+        for e in upserts:
+            conn.execute(delete(NodeCatalogEntry).where(
+                NodeCatalogEntry.node_id == node_id, NodeCatalogEntry.kind == e["kind"],
+                NodeCatalogEntry.entry_id == e["id"]))
+            conn.execute(insert(NodeCatalogEntry).values(node_id=node_id, kind=e["kind"], entry_id=e["id"],
+                                                         body=e.get("body") or {}))
+        conn.execute(update(Node).where(Node.id == node_id).values(catalog_seq=to_seq, catalog_digest=digest))
+
+
+def mirror_entries(engine: Engine, node_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id, NodeCatalogEntry.body)
+                            .where(NodeCatalogEntry.node_id == node_id)
+                            .order_by(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id))
+        return [{"kind": k, "id": i, "body": b} for k, i, b in rows]

@@ -1,0 +1,93 @@
+"""Per-node catalog mirrors (CAT-4, CAT-5, NODE-3).
+
+A full CATALOG_SNAPSHOT arrives in pages tagged with the catalog's starting (epoch, seq);
+pages are assembled in memory and the mirror is swapped in one transaction after the last
+page, when the entries' digest matches. Deltas apply only on a matching epoch with
+``from_seq`` equal to the mirror's seq; anything else waits for a snapshot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.canonical import catalog_digest
+from protocol.errors import MalformedMessage
+from protocol.messages import CatalogDelta, CatalogSnapshot
+
+from .db import node_store
+from .nodes import NodeRegistry
+
+log = logging.getLogger(__name__)
+MAX_ASSEMBLY_ENTRIES = 2_000_000  # bound memory a hostile agent can make us hold
+
+
+@dataclass(slots=True)
+class _Assembly:
+    epoch: str
+    seq: int
+    next_page: int = 0
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+class CatalogMirrors:
+    def __init__(self, registry: NodeRegistry) -> None:
+        self.reg = registry
+        self._assembly: dict[str, _Assembly] = {}
+
+    async def snapshot_page(self, node_id: str, msg: CatalogSnapshot) -> None:
+        n = self.reg.session(node_id, msg.session_id)
+        a = self._assembly.get(node_id)
+        if msg.page == 0 or a is None or (a.epoch, a.seq) != (msg.epoch, msg.seq):
+            if msg.page != 0:
+                self._assembly.pop(node_id, None)
+                raise MalformedMessage(f"CATALOG_SNAPSHOT page {msg.page} without its first page",
+                                       {"field": "page", "reason": "out_of_order"})
+            a = self._assembly[node_id] = _Assembly(msg.epoch, msg.seq)
+        if msg.page != a.next_page:
+            self._assembly.pop(node_id, None)
+            raise MalformedMessage(f"CATALOG_SNAPSHOT page {msg.page}, expected {a.next_page}",
+                                   {"field": "page", "reason": "out_of_order"})
+        a.next_page += 1
+        a.entries.extend(msg.entries)
+        if len(a.entries) > MAX_ASSEMBLY_ENTRIES:
+            self._assembly.pop(node_id, None)
+            raise MalformedMessage("catalog snapshot too large", {"field": "entries", "reason": "too_large"})
+        if not msg.last:
+            return
+        self._assembly.pop(node_id, None)
+        got = catalog_digest(a.entries)
+        if got != msg.digest:
+            raise MalformedMessage("catalog snapshot digest does not match its entries",
+                                   {"field": "digest", "reason": "mismatch"})
+        async with n.lock:
+            await asyncio.to_thread(node_store.replace_mirror, self.reg.engine, node_id, a.epoch, a.seq,
+                                    got, a.entries)
+            n.mirror = (a.epoch, a.seq, got)
+            n.mirror_complete = True
+            n.catalog_mismatch_beats = 0
+        log.info("node %s: catalog mirror replaced (%d entries, seq %d)", node_id, len(a.entries), a.seq)
+        self.reg.events.publish(f"node.{node_id}", "catalog", {"node": node_id, "epoch": a.epoch, "seq": a.seq,
+                                                               "entries": len(a.entries)})
+
+    async def delta(self, node_id: str, msg: CatalogDelta) -> bool:
+        """Apply a delta; False means it did not fit and a snapshot is needed (the next ACK asks)."""
+        n = self.reg.session(node_id, msg.session_id)
+        async with n.lock:
+            epoch, seq, _ = n.mirror
+            if not n.mirror_complete or msg.epoch != epoch or msg.from_seq != seq or msg.to_seq < msg.from_seq:
+                n.mirror_complete = n.mirror_complete and msg.epoch == epoch
+                n.catalog_mismatch_beats = 2  # the next heartbeat asks for a snapshot
+                return False
+            await asyncio.to_thread(node_store.apply_delta, self.reg.engine, node_id, msg.to_seq, msg.digest,
+                                    msg.upserts, msg.deletes)
+            entries = await asyncio.to_thread(node_store.mirror_entries, self.reg.engine, node_id)
+            got = catalog_digest(entries)
+            n.mirror = (epoch, msg.to_seq, got)
+            if got != msg.digest:
+                log.warning("node %s: mirror digest differs after delta to seq %d; asking for a snapshot",
+                            node_id, msg.to_seq)
+                n.catalog_mismatch_beats = 2
+                return False
+        return True

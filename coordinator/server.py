@@ -1,0 +1,127 @@
+"""The coordinator process: binds the endpoints and runs the loops (GC-13).
+
+Start order: check the schema (HA-1) → load nodes → bind agent, admin and event endpoints
+→ READY=1 to systemd → serve. The failover grace (NODE-8) starts with the process.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from protocol import daemon
+
+from .admin import commands as _commands  # noqa: F401 — registers every admin command
+from .admin.context import AdminContext
+from .admin.endpoint import AdminEndpoint, prepare_ipc_dir, secure_ipc_socket
+from .agents import AgentEndpoint
+from .config import CoordinatorConfig
+from .db.engine import ensure_schema, make_engine
+from .events import EventBus
+from .health import Thresholds
+from .lease import FlushLoop, LeaseLoop
+from .nodes import NodeRegistry
+from .peers import PeerTable
+
+log = logging.getLogger(__name__)
+
+
+def thresholds(cfg: CoordinatorConfig) -> Thresholds:
+    hb = cfg.heartbeat
+    return Thresholds(interval=hb.interval, max_rate=hb.max_rate, suspect_missed=hb.suspect_missed,
+                      lease_missed=hb.lease_missed, lease_ttl_min=hb.lease_ttl_min,
+                      failover_grace=hb.failover_grace)
+
+
+class Coordinator:
+    def __init__(self, cfg: CoordinatorConfig, *, migrate: bool = False) -> None:
+        self.cfg = cfg
+        self.migrate = migrate
+        self.zctx = zmq.asyncio.Context()
+        self.engine = make_engine(cfg.db.url)
+        self.sockets: list[zmq.Socket] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.bound: dict[str, str] = {}
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        s = self.zctx.socket(kind)
+        daemon.configure_socket(s, hwm=self.cfg.zmq.hwm, linger=self.cfg.zmq.linger,
+                                max_frame=self.cfg.codec.max_frame)
+        self.sockets.append(s)
+        return s
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        daemon.check_plain_tcp([cfg.coordinator.agent_endpoint, cfg.coordinator.admin_endpoint,
+                                cfg.coordinator.events_endpoint], cfg.security.curve)
+        rev = await asyncio.to_thread(ensure_schema, self.engine, migrate_now=self.migrate)
+        log.info("database %s at schema %s", self.engine.url.render_as_string(hide_password=True), rev)
+
+        ev_sock = self._socket(zmq.PUB)
+        gid_ev = prepare_ipc_dir(cfg.coordinator.events_endpoint, cfg.coordinator.admin_group)
+        ev_sock.bind(cfg.coordinator.events_endpoint)
+        secure_ipc_socket(cfg.coordinator.events_endpoint, gid_ev)
+        self.events = EventBus(zmq.Socket.shadow(ev_sock.underlying))
+
+        self.registry = NodeRegistry(self.engine, thresholds(cfg), self.events)
+        await asyncio.to_thread(self.registry.load)
+        self.peers = PeerTable(cfg.security.max_bad_msgs, cfg.security.bad_peer_cooldown)
+        admin_peers = PeerTable(cfg.security.max_bad_msgs, cfg.security.bad_peer_cooldown)
+
+        agent_sock = self._socket(zmq.ROUTER)
+        agent_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent takes over its identity at once
+        agent_sock.bind(cfg.coordinator.agent_endpoint)
+        self.agents = AgentEndpoint(agent_sock, self.registry, cfg.codec.limits(), self.peers)
+
+        admin_sock = self._socket(zmq.ROUTER)
+        gid = prepare_ipc_dir(cfg.coordinator.admin_endpoint, cfg.coordinator.admin_group)
+        admin_sock.bind(cfg.coordinator.admin_endpoint)
+        secure_ipc_socket(cfg.coordinator.admin_endpoint, gid)
+        ctx = AdminContext(config=cfg, engine=self.engine, nodes=self.registry, events=self.events,
+                           peers=self.peers)
+        self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
+
+        self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                      "admin": admin_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                      "events": ev_sock.getsockopt_string(zmq.LAST_ENDPOINT)}
+        self.lease = LeaseLoop(self.registry)
+        for coro in (self.agents.run(), self.admin.run(), self.lease.run(),
+                     FlushLoop(self.registry, cfg.heartbeat.last_seen_flush).run()):
+            self.tasks.append(asyncio.ensure_future(coro))
+        log.info("coordinator serving: agents %s, admin %s, events %s (%d nodes known, grace %.0fs)",
+                 self.bound["agent"], self.bound["admin"], self.bound["events"], len(self.registry.nodes),
+                 cfg.heartbeat.failover_grace)
+        daemon.sd_notify(f"READY=1\nSTATUS=serving {len(self.registry.nodes)} nodes")
+
+    async def stop(self) -> None:
+        daemon.sd_notify("STOPPING=1")
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        try:
+            await self.registry.flush()
+        except Exception:  # noqa: BLE001
+            log.exception("final flush failed")
+        linger = int(self.cfg.zmq.linger * 1000)
+        for s in self.sockets:
+            s.close(linger=linger)
+        self.zctx.term()
+        self.engine.dispose()
+
+
+async def serve(cfg: CoordinatorConfig, *, migrate: bool) -> None:
+    coord = Coordinator(cfg, migrate=migrate)
+    stop = asyncio.Event()
+    daemon.install_signal_handlers(asyncio.get_running_loop(), lambda _sig: stop.set())
+    await coord.start()
+    every = daemon.watchdog_interval()
+    watchdog = asyncio.ensure_future(daemon.watchdog_loop(every)) if every else None
+    try:
+        await stop.wait()
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        await coord.stop()
