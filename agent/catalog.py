@@ -7,9 +7,9 @@ SQLite in WAL mode, ``catalog.db`` in the agent state dir. Two tables:
   sees entries and seq disagree);
 * ``entries(kind, id, body)`` — one row per catalog entry, ``body`` canonical JSON.
 
-Identity is ``{epoch, seq, digest}``; the digest is ``canonical.digest`` of every entry but
-task records, as ``{kind, id, body}`` sorted by (kind, id) — the coordinator computes the
-same over its mirror, so equal digests mean equal catalogs. This issue leaves the catalog
+Identity is ``{epoch, seq, digest}``; the digest is ``canonical.catalog_digest`` of every
+entry but task records ({kind, id, body} sorted by (kind, id)) — the coordinator computes
+the same function over its mirror, so equal digests mean equal catalogs. This issue leaves the catalog
 empty; later issues fill it through ``apply``/``put``/``delete``.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Catalog:
         with _txn(self._conn, "BEGIN"):
             epoch, seq = self._meta()
             entries = self._mirrored()
-        self._identity = Identity(epoch, seq, canonical.digest(entries))
+        self._identity = Identity(epoch, seq, canonical.catalog_digest(entries))
         return Snapshot(self._identity, entries)
 
     def entries(self, kind: str | None = None) -> list[Entry]:

@@ -17,6 +17,7 @@ from typing import Callable
 class PeerCounters:
     bad: int = 0          # refused with an error reply
     dropped: int = 0      # dropped without a reply
+    ignored: int = 0      # arrived during the peer's cooldown
     window_start: float = 0.0
     window_bad: int = 0
     ignored_until: float = 0.0
@@ -32,13 +33,22 @@ class PeerTable:
         self._peers: OrderedDict[bytes, PeerCounters] = OrderedDict()
         self.total_bad = 0
         self.total_dropped = 0
+        self.total_ignored = 0  # messages from peers in their SEC-8 cooldown
 
     def get(self, peer: bytes) -> PeerCounters | None:
         return self._peers.get(peer)
 
     def ignored(self, peer: bytes) -> bool:
+        """True (and counted) while ``peer`` is in its cooldown."""
         c = self._peers.get(peer)
-        return c is not None and c.ignored_until > self.clock()
+        if c is not None and c.ignored_until > self.clock():
+            c.ignored += 1
+            self.total_ignored += 1
+            return True
+        return False
+
+    def totals(self) -> dict[str, int]:
+        return {"refused": self.total_bad, "dropped": self.total_dropped, "ignored": self.total_ignored}
 
     def record(self, peer: bytes, *, dropped: bool) -> PeerCounters:
         now = self.clock()

@@ -56,7 +56,8 @@ def node_detail(ctx: "AdminContext", n: "LiveNode", now: float) -> dict[str, Any
                     "heartbeat_seq": n.beat_seq, "interval_ms": int(n.interval_sent * 1000)},
         "mem_free": n.mem_free,
         "created": n.created_ms,
-        "bad_messages": {"refused": peer.bad if peer else 0, "dropped": peer.dropped if peer else 0},
+        "bad_messages": {"refused": peer.bad if peer else 0, "dropped": peer.dropped if peer else 0,
+                         "ignored": peer.ignored if peer else 0},
         # Filled by later issues (replicas, snapshots, orphans on this node).
         "replicas": [],
         "orphans": [],

@@ -84,7 +84,12 @@ class AdminClient:
         try:
             sock.connect(ep)
             req = Admin(msg_id=uuid.uuid4().hex, command=command, args=args)
-            sock.send_multipart(req.to_frames(), copy=True)
+            # IMMEDIATE + a send timeout: a stale socket file or a dead peer must not block us.
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+            try:
+                sock.send_multipart(req.to_frames(), copy=True)
+            except zmq.Again:
+                raise _Silent(f"could not connect within {self.timeout:g}s") from None
             deadline = time.monotonic() + self.timeout
             while True:
                 left = deadline - time.monotonic()

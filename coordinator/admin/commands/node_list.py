@@ -35,7 +35,8 @@ class NodeList(Command):
             if args["admin"] and s["admin_state"] != args["admin"]:
                 continue
             out.append(s)
-        return {"nodes": out}
+        return {"nodes": out, "heartbeats": ctx.nodes.heartbeats,
+                "bad_messages": ctx.peers.totals()}
 
     def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
         from rich.table import Table

@@ -1,0 +1,172 @@
+"""``tc-agent [--config FILE] [--set section.key=value ...]`` (SPEC CFG-2, GC-14, SEC-1).
+
+Start order is GC-14's: state dir → catalog → startup reconcile → build preflight → blob
+endpoint bound → READY=1 → only then the session (HELLO). Exit codes: 0 after SIGTERM or
+SIGINT, 2 for a configuration error (nothing started), 1 when start-up or a core task fails
+(systemd restarts the unit).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from protocol import ids
+from protocol.config import ConfigError
+from protocol.daemon import (check_plain_tcp, install_signal_handlers, sd_notify, setup_logging,
+                             watchdog_interval, watchdog_loop)
+from protocol.messages import ENDPOINT, LABELS, VERSIONS
+from protocol.schema import SchemaError
+
+from . import facts as host
+from .blobs import BlobServer, advertised
+from .catalog import Catalog
+from .config import AgentConfig, load_config
+from .session import HelloInfo, Session
+
+log = logging.getLogger("agent")
+PROGRAM = "tc-agent"
+
+
+class StartupError(Exception):
+    """Start-up could not complete (state dir, catalog or blob endpoint); the message says what."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description="templatecenter host agent")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override one configuration key (repeatable)")
+    return p.parse_args(argv)
+
+
+def check_config(cfg: AgentConfig) -> None:
+    """Refuse, before anything starts, what would otherwise fail later at HELLO or at bind."""
+    if not ids.valid("node", cfg.node_id):
+        raise ConfigError(f"agent.node_id: the host name {cfg.node_id!r} is not a DNS label (CONV-1); "
+                          "set agent.node_id")
+    # The message validators are the authority on what HELLO may carry.
+    checks: list[tuple[Any, Any, str]] = [(LABELS, cfg.agent.labels, "agent.labels"),
+                                          (VERSIONS, cfg.agent.versions, "agent.versions"),
+                                          (ENDPOINT, cfg.agent.blob_endpoint, "agent.blob_endpoint")]
+    checks += [(ENDPOINT, ep, "agent.coordinators") for ep in cfg.agent.coordinators]
+    for validator, value, key in checks:
+        try:
+            validator(value, key)
+        except SchemaError as exc:
+            raise ConfigError(f"invalid value for {exc.field}: {exc.reason}") from None
+    check_plain_tcp([*cfg.agent.coordinators, cfg.agent.blob_endpoint], cfg.security.curve)
+
+
+def prepare_state_dir(path: str) -> None:
+    """The state dir holds the catalog and (later) keys and artifacts: root-only, 0700."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # makedirs' mode is filtered by the umask, and the dir may pre-exist
+    except OSError as exc:
+        raise StartupError(f"cannot prepare agent.state_dir {path}: {exc}") from None
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.versions = host.VersionsCache(cfg)
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        install_signal_handlers(loop, self._on_stop, self._on_reload)
+        cfg = self.cfg
+        started_ms = int(time.time() * 1000)
+        prepare_state_dir(cfg.agent.state_dir)
+        try:
+            catalog = Catalog.open(cfg.agent.state_dir)
+        except Exception as exc:  # noqa: BLE001 — sqlite3 raises several types; all mean "no catalog"
+            raise StartupError(f"cannot open the catalog in {cfg.agent.state_dir}: {exc}") from None
+        ctx = zmq.asyncio.Context()
+        blobs: BlobServer | None = None
+        try:
+            reconcile = catalog.reconcile()
+            ident = catalog.identity()
+            log.info("catalog epoch %s seq %d; reconcile: %d missing, %d orphans", ident.epoch, ident.seq,
+                     len(reconcile["missing"]), len(reconcile["orphans"]))
+            caps = await asyncio.to_thread(host.capabilities, cfg)
+            address = await asyncio.to_thread(host.node_address, cfg)
+            versions = await asyncio.to_thread(self.versions.refresh)
+            log.info("capabilities %s; versions %s; address %s", caps, versions, address)
+            blobs = BlobServer(ctx, cfg)
+            try:
+                bound = blobs.bind()
+            except zmq.ZMQError as exc:
+                raise StartupError(f"cannot bind agent.blob_endpoint {cfg.agent.blob_endpoint}: {exc}") from None
+            blob_endpoint = advertised(bound, address)
+            log.info("blob endpoint bound at %s (advertised %s)", bound, blob_endpoint)
+            sd_notify(f"READY=1\nSTATUS=blob endpoint {blob_endpoint}; connecting to the coordinator")
+            info = HelloInfo(node_id=cfg.node_id, blob_endpoint=blob_endpoint, labels=dict(cfg.agent.labels),
+                             capabilities=caps, reconcile=reconcile, boot_ms=started_ms,
+                             facts=lambda: host.collect_facts(cfg))
+            session = Session(cfg, ctx, catalog, self.versions, info)
+            return await self._supervise(session, blobs)
+        finally:
+            if blobs is not None:
+                blobs.close(int(cfg.zmq.linger * 1000))
+            ctx.term()  # every socket is closed by now; waits at most zmq.linger
+            catalog.close()
+
+    async def _supervise(self, session: Session, blobs: BlobServer) -> int:
+        """Run the core tasks until a stop signal (0) or until one of them dies (1)."""
+        tasks = {asyncio.create_task(session.run(), name="session"),
+                 asyncio.create_task(blobs.serve(), name="blobs")}
+        interval = watchdog_interval()
+        if interval is not None:
+            tasks.add(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+            log.info("systemd watchdog: pinging every %gs", interval)
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        rc = 0
+        for task in done - {stopper}:
+            exc = task.exception()
+            log.error("%s task ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
+            rc = 1
+        sd_notify("STOPPING=1")
+        for task in [stopper, *tasks]:
+            task.cancel()
+        await asyncio.gather(stopper, *tasks, return_exceptions=True)
+        log.info("stopped; session counters %s; blob counters %s",
+                 dict(session.counters), dict(blobs.counters))
+        return rc
+
+    def _on_stop(self, signame: str) -> None:
+        log.info("%s received: stopping", signame)
+        self._stop.set()
+
+    def _on_reload(self) -> None:
+        log.info("SIGHUP received: versions are recomputed before the next heartbeat")
+        self.versions.invalidate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        check_config(cfg)
+    except ConfigError as exc:
+        print(f"{PROGRAM}: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(PROGRAM, cfg.node_id)
+    try:
+        return asyncio.run(Agent(cfg).run())
+    except StartupError as exc:
+        log.error("start-up failed: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

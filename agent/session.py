@@ -1,0 +1,386 @@
+"""The agent's link to the coordinator (SPEC WIRE-6 to WIRE-11, WIRE-20, HA-4, CAT-5).
+
+One DEALER, identity = node id, is opened per connection attempt and thrown away when the
+attempt ends (Paranoid Pirate style): a fresh socket cannot deliver anything queued for
+the previous coordinator. The loop has three nested levels:
+
+``run``         forever: open a DEALER to ``endpoints[i]``, ``_serve`` it, close it, pick the
+                next endpoint (``Leave.goto``), sleep ``Backoff.next_delay()``, repeat.
+``_serve``      on one socket: ``_hello`` → WELCOME → ``_live``; when ``_live`` ends with
+                SessionUnknown it HELLOs again at once on the same socket (WIRE-11).
+``_live``       the session: heartbeats every H, full reports on request, liveness watch.
+
+Every send is non-blocking: with IMMEDIATE a DEALER without a live connection refuses to
+queue, and a dropped beat is better than a wedged loop — liveness notices a dead link.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import zmq
+import zmq.asyncio
+
+from protocol import canonical
+from protocol.daemon import configure_socket
+from protocol.envelope import FrameDropped, parse
+from protocol.errors import TCError, UnsupportedMessage
+from protocol.message import Message, decode_message
+from protocol.messages import (CatalogSnapshot, Error, Heartbeat, HeartbeatAck, Hello, RuntimeRefs, Task,
+                               TaskAccepted, TaskCancel, TaskResult, Versions, Welcome)
+
+from . import facts as host
+from .backoff import Backoff
+from .catalog import Catalog
+from .config import AgentConfig
+
+log = logging.getLogger("session")
+
+MAX_PAGE = 1000  # CatalogSnapshot.entries accepts at most this many (CAT-5)
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Why a connection ended and where to go next: "next", "same" or an endpoint (HA-4)."""
+    reason: str
+    goto: str = "next"
+
+
+@dataclass(frozen=True, slots=True)
+class Foreign:
+    """A frame in another major of the protocol (``TC<n>``, WIRE-1)."""
+    got: str
+
+
+@dataclass
+class _Live:
+    """State of one live session (after WELCOME)."""
+    session_id: str
+    interval: float
+    liveness: float
+    first_msg: int          # our msg counter at its HELLO: replies to older ids are stale
+    versions_digest: str    # last versions digest the coordinator has (HELLO or VERSIONS)
+    beat_seq: int = 0
+    next_beat: float = 0.0
+    last_heard: float = 0.0
+
+
+class MsgIds:
+    """``msg_id`` = random per-process prefix + counter: unique per sender, even across restarts (WIRE-4)."""
+
+    def __init__(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        return f"{self.prefix}-{self.count}"
+
+    def number(self, msg_id: str | None) -> int | None:
+        """The counter of one of our ids, None for an id we did not make."""
+        head, _, n = (msg_id or "").partition("-")
+        return int(n) if head == self.prefix and n.isdigit() else None
+
+
+@dataclass
+class HelloInfo:
+    """What HELLO carries besides facts, versions and catalog (those are read per HELLO)."""
+    node_id: str
+    blob_endpoint: str
+    labels: dict[str, str]
+    capabilities: dict[str, bool]
+    reconcile: dict[str, Any]
+    boot_ms: int
+    facts: Callable[[], dict[str, Any]] = field(repr=False)
+
+
+class Session:
+    """Runs until cancelled; cancellation closes the socket with the configured linger."""
+
+    def __init__(self, cfg: AgentConfig, ctx: zmq.asyncio.Context, catalog: Catalog,
+                 versions: host.VersionsCache, info: HelloInfo, backoff: Backoff | None = None) -> None:
+        self._cfg = cfg
+        self._ctx = ctx
+        self._catalog = catalog
+        self._versions = versions
+        self._info = info
+        self._endpoints = list(cfg.agent.coordinators)
+        self._limits = cfg.codec.limits()
+        self._backoff = backoff or Backoff(cfg.agent.backoff_initial, cfg.agent.backoff_max)
+        self._ids = MsgIds()
+        self._page_size = max(1, min(cfg.catalog.page_size, MAX_PAGE))
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.session_id: str | None = None
+
+    # --- level 1: endpoints and backoff ---------------------------------------------
+
+    async def run(self) -> None:
+        index = 0
+        while True:
+            endpoint = self._endpoints[index]
+            sock = self._open(endpoint)
+            linger = 0  # an abandoned attempt must not deliver stale messages later
+            try:
+                leave = await self._serve(sock, endpoint)
+            except asyncio.CancelledError:
+                linger = int(self._cfg.zmq.linger * 1000)  # shutdown: let the last beat out
+                raise
+            finally:
+                self.session_id = None
+                sock.close(linger=linger)
+            index = self._next_index(index, leave)
+            delay = self._backoff.next_delay()
+            self.counters["reconnects"] += 1
+            log.info("left %s (%s); trying %s in %.2fs", endpoint, leave.reason, self._endpoints[index], delay)
+            await asyncio.sleep(delay)
+
+    def _open(self, endpoint: str) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self._info.node_id.encode())
+        configure_socket(sock, hwm=self._cfg.zmq.hwm, linger=self._cfg.zmq.linger,
+                         max_frame=self._cfg.codec.max_frame, immediate=True)
+        sock.connect(endpoint)
+        return sock
+
+    def _next_index(self, index: int, leave: Leave) -> int:
+        if leave.goto == "same":
+            return index
+        if leave.goto in self._endpoints:
+            return self._endpoints.index(leave.goto)
+        return (index + 1) % len(self._endpoints)
+
+    # --- level 2: one socket ----------------------------------------------------------
+
+    async def _serve(self, sock: zmq.asyncio.Socket, endpoint: str) -> Leave:
+        while True:
+            answer = await self._hello(sock, endpoint)
+            if isinstance(answer, Leave):
+                return answer
+            self._backoff.reset()  # WIRE-10: WELCOME resets the backoff
+            leave = await self._live(sock, endpoint, *answer)
+            if leave is not None:
+                return leave
+            self.counters["rehello"] += 1  # SessionUnknown: HELLO again now, same socket (WIRE-11)
+
+    async def _hello(self, sock: zmq.asyncio.Socket, endpoint: str) -> tuple[Hello, Welcome] | Leave:
+        loop = asyncio.get_running_loop()
+        facts = await asyncio.to_thread(self._info.facts)
+        versions = await self._current_versions()
+        hello = Hello(msg_id=self._ids.next(), node_id=self._info.node_id, address=str(facts["address"]),
+                      blob_endpoint=self._info.blob_endpoint, facts=facts, versions=versions,
+                      labels=dict(self._cfg.agent.labels), capabilities=self._info.capabilities,
+                      catalog=self._catalog.identity().to_wire(), reconcile=self._info.reconcile,
+                      boot_ms=self._info.boot_ms)
+        deadline = loop.time() + self._cfg.agent.hello_timeout
+        # With IMMEDIATE the socket turns writable only once a connection is up, so an
+        # endpoint that is down and one that is silent both end at the same deadline (WIRE-7).
+        if not await sock.poll(_ms(deadline - loop.time()), zmq.POLLOUT) or not await self._send(sock, hello):
+            return Leave(f"no connection within {self._cfg.agent.hello_timeout:g}s")
+        self.counters["hello"] += 1
+        log.info("HELLO sent to %s (catalog seq %d)", endpoint, hello.catalog["seq"])
+        while (left := deadline - loop.time()) > 0:
+            msg = await self._receive(sock, left)
+            if msg is None:
+                continue
+            if isinstance(msg, Foreign):
+                log.error("coordinator %s speaks %s, not TC1: upgrade this agent or that coordinator", endpoint, msg.got)
+                return Leave(f"protocol {msg.got}")
+            if isinstance(msg, Welcome) and msg.parent_id == hello.msg_id:
+                return hello, msg
+            if isinstance(msg, Error) and msg.parent_id in (hello.msg_id, None):
+                return self._refused(endpoint, msg)
+            self._unexpected(msg, "waiting for WELCOME")
+        return Leave(f"no WELCOME within {self._cfg.agent.hello_timeout:g}s")
+
+    def _refused(self, endpoint: str, err: Error) -> Leave:
+        """An ERROR that ends the connection (WIRE-6, SEC-3, HA-4)."""
+        self.counters[f"error:{err.name}"] += 1
+        if err.name == "NotLeader":
+            leader = err.details.get("leader")
+            known = leader if isinstance(leader, str) and leader in self._endpoints else "next"
+            log.info("%s is not the leader (hint %r)", endpoint, leader)
+            return Leave("not leader", known)
+        if err.name == "NodeKeyPending":
+            # SEC-3: the key fingerprint is logged here once keys exist (CURVE issue).
+            log.warning("%s: this node's key awaits `tcctl node accept %s`", endpoint, self._info.node_id)
+            return Leave("key pending", "same")
+        if err.name == "Unauthorized":
+            log.error("%s refused this node: %s", endpoint, err.message)
+            return Leave("unauthorized", "same")
+        if err.name == "UnsupportedProtocol":
+            log.error("%s does not speak our protocol (%s): upgrade this agent or that coordinator",
+                      endpoint, err.message)
+            return Leave("unsupported protocol")
+        log.error("%s refused HELLO with %s: %s", endpoint, err.name, err.message)
+        return Leave(err.name)
+
+    # --- level 3: the live session ------------------------------------------------------
+
+    async def _live(self, sock: zmq.asyncio.Socket, endpoint: str, hello: Hello,
+                    welcome: Welcome) -> Leave | None:
+        """Run a session; None means SessionUnknown (re-HELLO), a Leave ends the connection."""
+        loop = asyncio.get_running_loop()
+        interval = welcome.heartbeat_interval / 1000
+        live = _Live(welcome.session_id, interval, self._liveness(interval),
+                     self._ids.number(hello.msg_id) or 0, canonical.digest(hello.versions))
+        live.last_heard = loop.time()
+        live.next_beat = live.last_heard + interval
+        self.session_id = live.session_id
+        self.counters["welcome"] += 1
+        log.info("session %s with %s: heartbeat %gs, liveness %gs, lease %dms", live.session_id, endpoint,
+                 live.interval, live.liveness, welcome.lease_ttl)
+        if welcome.want_full_catalog:
+            await self._send_catalog(sock, live)
+        while True:
+            now = loop.time()
+            if now - live.last_heard >= live.liveness:
+                log.warning("nothing heard from %s for %gs", endpoint, live.liveness)
+                return Leave("silence")
+            if now >= live.next_beat:
+                await self._beat(sock, live)
+                live.next_beat += live.interval
+                if live.next_beat <= now:  # fell behind (a stall): skip beats, never burst
+                    live.next_beat = now + live.interval
+            msg = await self._receive(sock, min(live.next_beat, live.last_heard + live.liveness) - loop.time())
+            if msg is None or isinstance(msg, Foreign):
+                continue  # counted and logged by _receive; a bad frame proves nothing about liveness
+            live.last_heard = loop.time()  # any message resets liveness (WIRE-10)
+            if isinstance(msg, Error):
+                outcome = self._on_error(endpoint, live, msg)
+                if outcome == "rehello":
+                    return None
+                if isinstance(outcome, Leave):
+                    return outcome
+            elif isinstance(msg, HeartbeatAck):
+                await self._on_ack(sock, live, msg)
+            elif isinstance(msg, Task):
+                await self._on_task(sock, msg)
+            elif isinstance(msg, TaskCancel):
+                log.info("TASK_CANCEL for %s: no task runs on this agent yet", msg.task_id)
+            else:
+                self._unexpected(msg, "in session")
+
+    def _liveness(self, interval: float) -> float:
+        configured = self._cfg.agent.liveness
+        return configured if configured is not None else max(10.0, 5 * interval)
+
+    def _on_error(self, endpoint: str, live: _Live, err: Error) -> Leave | Literal["rehello", "keep"]:
+        """An ERROR during the session: keep going, HELLO again (WIRE-11) or leave."""
+        if err.name == "SessionUnknown":
+            n = self._ids.number(err.parent_id)
+            if err.parent_id is None or (n is not None and n >= live.first_msg):
+                log.info("%s does not know session %s: HELLO again", endpoint, live.session_id)
+                return "rehello"
+            self.counters["stale_error"] += 1  # answers a message of an older session
+            return "keep"
+        if err.name in ("NotLeader", "NodeKeyPending", "Unauthorized", "UnsupportedProtocol"):
+            return self._refused(endpoint, err)
+        self.counters[f"error:{err.name}"] += 1
+        log.warning("%s sent ERROR %s (parent %s): %s", endpoint, err.name, err.parent_id, err.message)
+        return "keep"
+
+    async def _beat(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
+        versions = await self._current_versions()
+        digest = canonical.digest(versions)
+        if digest != live.versions_digest:  # WIRE-9: the full map only when it changed
+            if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
+                                               versions=versions, digest=digest)):
+                live.versions_digest = digest
+        ident = self._catalog.identity()
+        live.beat_seq += 1
+        beat = Heartbeat(msg_id=self._ids.next(), session_id=live.session_id, seq=live.beat_seq,
+                         catalog_seq=ident.seq, catalog_digest=ident.digest, versions_digest=digest,
+                         refs_digest="", storage=host.storage(self._cfg.agent.state_dir),
+                         mem_free=host.mem_free(), sandboxes=0)
+        if await self._send(sock, beat):
+            self.counters["heartbeat"] += 1
+
+    async def _on_ack(self, sock: zmq.asyncio.Socket, live: _Live, ack: HeartbeatAck) -> None:
+        if ack.interval is not None and ack.interval / 1000 != live.interval:
+            last_beat = live.next_beat - live.interval
+            live.interval = ack.interval / 1000
+            live.liveness = self._liveness(live.interval)
+            live.next_beat = last_beat + live.interval
+            log.info("heartbeat interval now %gs, liveness %gs", live.interval, live.liveness)
+        for want in ack.wants or ():
+            if want == "catalog":
+                await self._send_catalog(sock, live)
+            elif want == "versions":
+                versions = await self._current_versions()
+                digest = canonical.digest(versions)
+                if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
+                                                   versions=versions, digest=digest)):
+                    live.versions_digest = digest
+            elif want == "refs":  # no sandboxes, so no runtime refs yet (SNAP-19 comes later)
+                await self._send(sock, RuntimeRefs(msg_id=self._ids.next(), session_id=live.session_id,
+                                                   refs=[], digest=""))
+
+    async def _send_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
+        """CAT-5: pages of ≤ page_size entries, all tagged with the snapshot's (epoch, seq)."""
+        snap = self._catalog.snapshot()
+        pages = list(snap.pages(self._page_size))
+        for number, entries in enumerate(pages):
+            await self._send(sock, CatalogSnapshot(
+                msg_id=self._ids.next(), session_id=live.session_id, epoch=snap.identity.epoch,
+                seq=snap.identity.seq, page=number, last=number == len(pages) - 1, entries=entries,
+                digest=snap.identity.digest))
+        log.info("catalog snapshot sent: seq %d, %d entries, %d page(s)",
+                 snap.identity.seq, len(snap.entries), len(pages))
+
+    async def _on_task(self, sock: zmq.asyncio.Socket, task: Task) -> None:
+        # Tasks come with a later issue; answer with the final shape so the coordinator's side
+        # can be built against it (WIRE-12: TASK_ACCEPTED, then exactly one TASK_RESULT).
+        self.counters["task_refused"] += 1
+        err = UnsupportedMessage(f"task op {task.op} is not implemented on this agent", {"op": task.op})
+        log.warning("TASK %s (%s) refused: not implemented", task.task_id, task.op)
+        await self._send(sock, TaskAccepted(parent_id=task.msg_id, task_id=task.task_id))
+        await self._send(sock, TaskResult(parent_id=task.msg_id, task_id=task.task_id, ok=False,
+                                          error=err.to_wire()))
+
+    # --- plumbing -------------------------------------------------------------------
+
+    async def _current_versions(self) -> dict[str, str]:
+        if self._versions.due():  # at most every 30 s, or after SIGHUP; QEMU is forked off-loop
+            return await asyncio.to_thread(self._versions.refresh)
+        return self._versions.get()
+
+    async def _send(self, sock: zmq.asyncio.Socket, msg: Message) -> bool:
+        try:
+            await sock.send_multipart(msg.to_frames(), flags=zmq.DONTWAIT)
+            return True
+        except zmq.ZMQError as exc:  # Again: no live connection (IMMEDIATE) or HWM reached
+            self.counters["send_dropped"] += 1
+            log.warning("%s not sent: %s", msg.TYPE, exc)
+            return False
+
+    async def _receive(self, sock: zmq.asyncio.Socket, timeout: float) -> Message | Foreign | None:
+        """The next decoded message within ``timeout`` s; None on timeout or a bad frame (logged, counted)."""
+        if not await sock.poll(_ms(timeout), zmq.POLLIN):
+            return None
+        try:
+            frames = await sock.recv_multipart(flags=zmq.DONTWAIT)
+        except zmq.Again:
+            return None
+        try:
+            return decode_message(parse(frames, router=False, limits=self._limits), self._limits)
+        except FrameDropped as exc:
+            self.counters[f"dropped:{exc.reason}"] += 1
+            log.warning("dropped a frame from the coordinator: %s", exc.reason)
+        except TCError as exc:
+            self.counters[f"bad:{exc.name}"] += 1
+            log.warning("bad message from the coordinator: %s: %s", exc.name, exc.message)
+            if exc.name == "UnsupportedProtocol":
+                return Foreign(str(exc.details.get("got", "?")))
+        return None
+
+    def _unexpected(self, msg: Message, when: str) -> None:
+        self.counters[f"unexpected:{msg.TYPE}"] += 1
+        log.warning("unexpected %s from the coordinator %s: ignored", msg.TYPE, when)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000 + 0.999))
