@@ -38,7 +38,9 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (e.g. ``READY=1``) to ``$NOTIFY_SOCKET``; False when not run by systemd.
 
     A path starting with ``@`` is an abstract socket. Failures are logged, never raised:
-    a missing notify listener must not take the daemon down.
+    a missing notify listener must not take the daemon down. The send never blocks: a unix
+    datagram sender blocks once the listener's queue is full (net.unix.max_dgram_qlen), and a
+    stalled listener must not stall the event loop; a dropped ping is the lesser evil.
     """
     addr = (env if env is not None else os.environ).get("NOTIFY_SOCKET", "")
     if not addr:
@@ -46,9 +48,9 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     if addr[0] == "@":
         addr = "\0" + addr[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
-            s.sendall(state.encode("utf-8"))
+            s.send(state.encode("utf-8"))
     except OSError as exc:
         log.warning("sd_notify %r failed: %s", state.split("\n", 1)[0], exc)
         return False

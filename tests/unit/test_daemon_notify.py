@@ -63,6 +63,13 @@ def test_sd_notify_to_a_missing_socket_never_raises(tmp_path: Path) -> None:
     assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
 
 
+def test_a_listener_that_stopped_reading_never_blocks_the_sender(listener: Listener) -> None:
+    """A full datagram queue makes sd_notify fail fast (False), not hang the daemon's event loop."""
+    env = {"NOTIFY_SOCKET": listener.env_value}
+    results = [sd_notify("WATCHDOG=1", env) for _ in range(2000)]  # far beyond max_dgram_qlen
+    assert results[0] is True and results[-1] is False
+
+
 def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, pid=42) == 15.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=42) == 15.0

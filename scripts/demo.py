@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""`make demo`: a coordinator (SQLite under ./.demo/) and three agents on loopback.
+
+Shows the node lifecycle: the agents join, turn READY, one is cordoned and uncordoned.
+On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
+`make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / ".demo"
+RUN = DEMO / "run"
+PIDS = DEMO / "pids.json"
+ADMIN = f"ipc://{RUN}/admin.sock"
+PY = sys.executable
+NODES = ("demo-1", "demo-2", "demo-3")
+
+
+def port(preferred: int) -> int:
+    for p in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def sets(pairs: dict[str, str]) -> list[str]:
+    return [a for k, v in pairs.items() for a in ("--set", f"{k}={v}")]
+
+
+def tcctl(*args: str, json_out: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = [PY, "-m", "coordinator.cli.main", *args, "--endpoint", ADMIN, "--timeout", "5"]
+    return subprocess.run(argv + (["--json"] if json_out else []), capture_output=True, text=True, cwd=ROOT)
+
+
+def show(*args: str) -> None:
+    print(f"\n$ tcctl {' '.join(args)}", flush=True)
+    r = tcctl(*args)
+    print((r.stdout + r.stderr).rstrip(), flush=True)
+
+
+def wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}; logs are in {DEMO}")
+        time.sleep(0.2)
+
+
+def health() -> dict[str, str]:
+    """Node health, once its first heartbeat has brought storage figures."""
+    r = tcctl("node", "list", json_out=True)
+    if r.returncode != 0:
+        return {}
+    return {n["node_id"]: n["health"] for n in json.loads(r.stdout)["nodes"] if n["storage"]["total"]}
+
+
+def stop_pids() -> None:
+    if not PIDS.exists():
+        print("demo: nothing to stop")
+        return
+    pids = json.loads(PIDS.read_text())
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, signal.SIGTERM)
+            print(f"demo: stopped {name} (pid {pid})")
+        except ProcessLookupError:
+            pass
+    PIDS.unlink()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stop", action="store_true", help="stop a running demo")
+    a = ap.parse_args()
+    if a.stop:
+        stop_pids()
+        return 0
+    if PIDS.exists():
+        stop_pids()  # a previous demo left running
+    RUN.mkdir(parents=True, exist_ok=True)
+    agent_port = port(7710)
+    common = {"security.curve": "false", "zmq.linger": "200ms"}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    coord = [PY, "-m", "coordinator.main", "--migrate", *sets({
+        **common, "db.url": f"sqlite:///{DEMO}/coordinator.db", "coordinator.state_dir": str(DEMO),
+        "coordinator.agent_endpoint": f"tcp://127.0.0.1:{agent_port}", "coordinator.admin_endpoint": ADMIN,
+        "coordinator.events_endpoint": f"ipc://{RUN}/events.sock", "heartbeat.interval": "1s",
+        "heartbeat.failover_grace": "5s"})]
+    print(f"demo: starting the coordinator (agents on tcp://127.0.0.1:{agent_port}, admin {ADMIN})", flush=True)
+    procs["coordinator"] = subprocess.Popen(coord, cwd=ROOT, stdout=open(DEMO / "coordinator.log", "ab"),
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait(lambda: tcctl("node", "list").returncode == 0, 30, "the coordinator")
+        for node in NODES:
+            argv = [PY, "-m", "agent.main", *sets({
+                **common, "agent.node_id": node, "agent.state_dir": f"{DEMO}/agents/{node}",
+                "agent.coordinators": f"tcp://127.0.0.1:{agent_port}", "agent.blob_endpoint": "tcp://127.0.0.1:*",
+                "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none"})]
+            print(f"demo: starting agent {node}", flush=True)
+            procs[node] = subprocess.Popen(argv, cwd=ROOT, stdout=open(DEMO / f"agent-{node}.log", "ab"),
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        PIDS.write_text(json.dumps({k: p.pid for k, p in procs.items()}))
+        wait(lambda: all(health().get(n) == "READY" for n in NODES), 60, "three READY nodes")
+        show("node", "list")
+        show("node", "cordon", "demo-3", "--request-id", "demo-cordon")
+        show("node", "list", "--admin", "CORDONED")
+        show("node", "uncordon", "demo-3", "--request-id", "demo-uncordon")
+        show("node", "show", "demo-1")
+        if sys.stdin.isatty():
+            print(f"\ndemo: running. Try `.venv/bin/tcctl node list --endpoint {ADMIN}`. "
+                  "Ctrl-C stops everything (or `make demo-stop` from another shell).", flush=True)
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        print("\ndemo: stopping", flush=True)
+        for name, p in reversed(list(procs.items())):
+            p.send_signal(signal.SIGTERM)
+        for name, p in procs.items():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        PIDS.unlink(missing_ok=True)
+        print(f"demo: all stopped; logs in {DEMO}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
