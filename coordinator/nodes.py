@@ -103,6 +103,13 @@ class NodeRegistry:
                       t=self.t, in_session=n.session_id is not None, mirror_complete=n.mirror_complete,
                       grace_until=self.grace_until)
 
+    def trusted_versions(self, n: LiveNode, now: float | None = None) -> dict[str, str]:
+        """NODE-11: versions count only from READY nodes; for any other node every version reads
+        unknown (""), never a stale stored value. Compat, matrix and resolve read them here."""
+        if self.health(n, now) is not Health.READY:
+            return {k: "" for k in n.versions}
+        return dict(n.versions)
+
     def get(self, node_id: str) -> LiveNode:
         n = self.nodes.get(node_id)
         if n is None:

@@ -49,6 +49,7 @@ def node_detail(ctx: "AdminContext", n: "LiveNode", now: float) -> dict[str, Any
         "labels": dict(sorted(n.labels.items())),
         "facts": dict(sorted(n.facts.items())),
         "versions": dict(sorted(n.versions.items())),
+        "versions_trusted": d["health"] == "READY",  # NODE-11
         "catalog": {"epoch": n.mirror[0], "seq": n.mirror[1], "digest": n.mirror[2],
                     "complete": n.mirror_complete,
                     "reported_seq": n.reported_catalog[0], "reported_digest": n.reported_catalog[1]},

@@ -86,6 +86,10 @@ def test_heartbeats_are_batched_and_versions_written_on_change(registry: NodeReg
                                                    digest=digest(VERSIONS)))
         with pytest.raises(SessionUnknown):
             registry.heartbeat("n1", beat("0" * 32, 1))
+        # NODE-11: a WARMING (not READY) node's versions read unknown.
+        assert registry.trusted_versions(n) == {k: "" for k in newer}
+        n.mirror_complete = True
+        assert registry.trusted_versions(n) == newer
     asyncio.run(run())
 
 
