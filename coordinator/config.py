@@ -148,6 +148,12 @@ class TemplateConfig:
     snapshot_mode: str = "rootfs"
     compat_policy: str = "STRICT"
 
+    def __post_init__(self) -> None:
+        if self.snapshot_mode not in ("rootfs", "memory"):
+            raise ValueError(f"template.snapshot_mode {self.snapshot_mode!r} is not one of rootfs, memory")
+        if self.compat_policy not in ("STRICT", "GUEST_ONLY"):
+            raise ValueError(f"template.compat_policy {self.compat_policy!r} is not one of STRICT, GUEST_ONLY")
+
 
 @section
 class AdminConfig:

@@ -42,7 +42,10 @@ def decode(body: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         obj = msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=True,
             max_str_len=limits.max_str, max_bin_len=limits.max_bin,
-            max_array_len=limits.max_array, max_map_len=limits.max_map,
+            # Every element takes at least one byte, so no container can truly hold more items
+            # than the body has bytes: capping by the body size bounds what a lying header
+            # makes msgpack preallocate.
+            max_array_len=min(limits.max_array, len(body)), max_map_len=min(limits.max_map, len(body) // 2),
             max_ext_len=0,  # no ext types on our wire (timestamps are ints)
         )
     except ValueError as exc:  # msgpack raises ValueError subclasses for limits and bad data

@@ -9,6 +9,7 @@ naming ``section.key`` — the daemon prints it and stops.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -38,8 +39,8 @@ def parse_duration(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError("expected a duration such as 500ms, 2s, 15m, 2h or 7d")
     if isinstance(v, (int, float)):
-        if v < 0:
-            raise ValueError("a duration cannot be negative")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("a duration must be a finite, non-negative number of seconds")
         return float(v)
     m = _DUR.match(str(v))
     if not m:
@@ -170,7 +171,9 @@ def build(root_cls: type[T], raw: dict[str, dict[str, Any]]) -> T:
     known = {f.name for f in dataclasses.fields(root_cls)}  # type: ignore[arg-type]
     for section in raw:
         if section not in known:
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(sorted(known))})")
+            keys = ", ".join(f"{section}.{k}" for k in raw[section]) or f"[{section}]"
+            raise ConfigError(f"unknown key {keys}: there is no [{section}] section "
+                              f"(known: {', '.join(sorted(known))})")
     for f in dataclasses.fields(root_cls):  # type: ignore[arg-type]
         sec_cls = root_hints[f.name]
         values = raw.get(f.name, {})
@@ -204,6 +207,12 @@ class CodecConfig:
     max_bin: Size = Size(16 << 20)
     max_array: int = 100_000
     max_map: int = 10_000
+
+    def __post_init__(self) -> None:
+        # msgpack reads a negative limit as "use my default": refuse it rather than lose the limit.
+        for name in ("max_frame", "max_str", "max_bin", "max_array", "max_map"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"codec.{name} must be positive")
 
     def limits(self) -> Limits:
         return Limits(self.max_frame, self.max_str, self.max_bin, self.max_array, self.max_map)

@@ -172,7 +172,7 @@ def error_class(name: str) -> type[TCError]:
 
 
 def from_wire(err: Mapping[str, Any]) -> TCError:
-    """Rebuild the exception a peer sent; an unknown code or name becomes Internal."""
+    """Rebuild the exception a peer sent, by code, else by name; one known by neither becomes Internal."""
     spec = BY_CODE.get(err.get("code")) if isinstance(err.get("code"), int) else None
     if spec is None and isinstance(err.get("name"), str):
         spec = ERRORS.get(err["name"])

@@ -79,7 +79,9 @@ def Enum(values: Iterable[str]) -> Validator:
 
     def v(x: Any, p: str) -> str:
         if not isinstance(x, str) or x not in allowed:
-            raise SchemaError(p, f"{str(x)[:40]!r} is not one of {shown}")
+            # Never str() a hostile value: a deeply nested list would recurse (WIRE-5).
+            got = x[:40] if isinstance(x, str) else _tname(x)
+            raise SchemaError(p, f"{got!r} is not one of {shown}")
         return x
     return v
 
