@@ -90,7 +90,8 @@ def node_address(cfg: AgentConfig) -> str:
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
-    model, flags = "", []
+    model = ""
+    flags: list[str] = []
     for line in _read("/proc/cpuinfo").splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

@@ -23,7 +23,7 @@ from protocol.config import ConfigError
 from protocol.daemon import (check_plain_tcp, install_signal_handlers, sd_notify, setup_logging,
                              watchdog_interval, watchdog_loop)
 from protocol.messages import ENDPOINT, LABELS, VERSIONS
-from protocol.schema import SchemaError
+from protocol.schema import SchemaError, Str
 
 from . import facts as host
 from .blobs import BlobServer, advertised
@@ -33,6 +33,7 @@ from .session import HelloInfo, Session
 
 log = logging.getLogger("agent")
 PROGRAM = "tc-agent"
+ADDRESS = Str(64, min_len=1)  # Hello.address
 
 
 class StartupError(Exception):
@@ -53,7 +54,8 @@ def check_config(cfg: AgentConfig) -> None:
         raise ConfigError(f"agent.node_id: the host name {cfg.node_id!r} is not a DNS label (CONV-1); "
                           "set agent.node_id")
     # The message validators are the authority on what HELLO may carry.
-    checks: list[tuple[Any, Any, str]] = [(LABELS, cfg.agent.labels, "agent.labels"),
+    checks: list[tuple[Any, Any, str]] = [(ADDRESS, cfg.agent.address or "127.0.0.1", "agent.address"),
+                                          (LABELS, cfg.agent.labels, "agent.labels"),
                                           (VERSIONS, cfg.agent.versions, "agent.versions"),
                                           (ENDPOINT, cfg.agent.blob_endpoint, "agent.blob_endpoint")]
     checks += [(ENDPOINT, ep, "agent.coordinators") for ep in cfg.agent.coordinators]

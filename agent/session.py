@@ -178,7 +178,7 @@ class Session:
         deadline = loop.time() + self._cfg.agent.hello_timeout
         # With IMMEDIATE the socket turns writable only once a connection is up, so an
         # endpoint that is down and one that is silent both end at the same deadline (WIRE-7).
-        if not await sock.poll(_ms(deadline - loop.time()), zmq.POLLOUT) or not await self._send(sock, hello):
+        if not await _poll(sock, deadline - loop.time(), zmq.POLLOUT) or not await self._send(sock, hello):
             return Leave(f"no connection within {self._cfg.agent.hello_timeout:g}s")
         self.counters["hello"] += 1
         log.info("HELLO sent to %s (catalog seq %d)", endpoint, hello.catalog["seq"])
@@ -187,12 +187,16 @@ class Session:
             if msg is None:
                 continue
             if isinstance(msg, Foreign):
-                log.error("coordinator %s speaks %s, not TC1: upgrade this agent or that coordinator", endpoint, msg.got)
+                log.error("coordinator %s speaks %s, not TC1: upgrade this agent or that coordinator",
+                          endpoint, msg.got)
                 return Leave(f"protocol {msg.got}")
             if isinstance(msg, Welcome) and msg.parent_id == hello.msg_id:
                 return hello, msg
             if isinstance(msg, Error) and msg.parent_id in (hello.msg_id, None):
                 return self._refused(endpoint, msg)
+            if isinstance(msg, (HeartbeatAck, Error)):  # answers to the previous session's messages
+                self.counters["stale"] += 1
+                continue
             self._unexpected(msg, "waiting for WELCOME")
         return Leave(f"no WELCOME within {self._cfg.agent.hello_timeout:g}s")
 
@@ -359,7 +363,7 @@ class Session:
 
     async def _receive(self, sock: zmq.asyncio.Socket, timeout: float) -> Message | Foreign | None:
         """The next decoded message within ``timeout`` s; None on timeout or a bad frame (logged, counted)."""
-        if not await sock.poll(_ms(timeout), zmq.POLLIN):
+        if not await _poll(sock, timeout, zmq.POLLIN):
             return None
         try:
             frames = await sock.recv_multipart(flags=zmq.DONTWAIT)
@@ -382,5 +386,7 @@ class Session:
         log.warning("unexpected %s from the coordinator %s: ignored", msg.TYPE, when)
 
 
-def _ms(seconds: float) -> int:
-    return max(0, int(seconds * 1000 + 0.999))
+async def _poll(sock: zmq.asyncio.Socket, seconds: float, flags: int) -> bool:
+    """Wait up to ``seconds`` for ``flags`` (POLLIN/POLLOUT) on ``sock``."""
+    # pyzmq's _future.pyi declares poll(timeout) only; the implementation takes flags as well.
+    return bool(await sock.poll(timeout=max(0, int(seconds * 1000 + 0.999)), flags=flags))  # type: ignore[call-arg]

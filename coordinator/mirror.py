@@ -17,7 +17,7 @@ from protocol.errors import MalformedMessage
 from protocol.messages import CatalogDelta, CatalogSnapshot
 
 from .db import node_store
-from .nodes import NodeRegistry
+from .nodes import LiveNode, NodeRegistry
 
 log = logging.getLogger(__name__)
 MAX_ASSEMBLY_ENTRIES = 2_000_000  # bound memory a hostile agent can make us hold
@@ -38,6 +38,13 @@ class CatalogMirrors:
 
     async def snapshot_page(self, node_id: str, msg: CatalogSnapshot) -> None:
         n = self.reg.session(node_id, msg.session_id)
+        try:
+            await self._page(n, node_id, msg)
+        except MalformedMessage:
+            n.snapshot_asked = None  # the next heartbeat asks for a fresh snapshot
+            raise
+
+    async def _page(self, n: LiveNode, node_id: str, msg: CatalogSnapshot) -> None:
         a = self._assembly.get(node_id)
         if msg.page == 0 or a is None or (a.epoch, a.seq) != (msg.epoch, msg.seq):
             if msg.page != 0:
@@ -67,6 +74,7 @@ class CatalogMirrors:
             n.mirror = (a.epoch, a.seq, got)
             n.mirror_complete = True
             n.catalog_mismatch_beats = 0
+            n.snapshot_asked = None
         log.info("node %s: catalog mirror replaced (%d entries, seq %d)", node_id, len(a.entries), a.seq)
         self.reg.events.publish(f"node.{node_id}", "catalog", {"node": node_id, "epoch": a.epoch, "seq": a.seq,
                                                                "entries": len(a.entries)})
@@ -79,6 +87,7 @@ class CatalogMirrors:
             if not n.mirror_complete or msg.epoch != epoch or msg.from_seq != seq or msg.to_seq < msg.from_seq:
                 n.mirror_complete = n.mirror_complete and msg.epoch == epoch
                 n.catalog_mismatch_beats = 2  # the next heartbeat asks for a snapshot
+                n.snapshot_asked = None
                 return False
             await asyncio.to_thread(node_store.apply_delta, self.reg.engine, node_id, msg.to_seq, msg.digest,
                                     msg.upserts, msg.deletes)
@@ -89,5 +98,6 @@ class CatalogMirrors:
                 log.warning("node %s: mirror digest differs after delta to seq %d; asking for a snapshot",
                             node_id, msg.to_seq)
                 n.catalog_mismatch_beats = 2
+                n.snapshot_asked = None
                 return False
         return True

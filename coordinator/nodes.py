@@ -50,6 +50,8 @@ class LiveNode:
     beat_seq: int = 0
     reported_catalog: tuple[int, str] = (0, "")
     catalog_mismatch_beats: int = 0
+    # When we last asked for a full snapshot; while one is on its way we do not ask again.
+    snapshot_asked: float | None = None
     storage: dict[str, int] | None = None
     storage_at: float | None = None
     mem_free: int | None = None
@@ -148,6 +150,7 @@ class NodeRegistry:
             n.mirror_complete = (cat["epoch"], cat["seq"], cat["digest"]) == n.mirror and bool(n.mirror[0])
             n.reported_catalog = (cat["seq"], cat["digest"])
             n.catalog_mismatch_beats = 0
+            n.snapshot_asked = None if n.mirror_complete else now
             n.session_id = secrets.token_hex(16)
             n.session_started = now
             n.last_seen = now
@@ -190,15 +193,18 @@ class NodeRegistry:
             wants.append("versions")
         reported = (msg.catalog_seq, msg.catalog_digest)
         n.reported_catalog = reported
-        if (n.mirror[1], n.mirror[2]) != reported:
-            # A delta may be in flight; ask for a full snapshot only if the gap outlives a beat (CAT-5).
+        h = self.interval()
+        if (n.mirror[1], n.mirror[2]) != reported or not n.mirror_complete:
+            # A delta may be in flight, so a gap must outlive a beat; and a snapshot already asked
+            # for is not asked again until it had time to arrive (CAT-5).
             n.catalog_mismatch_beats += 1
-            if n.catalog_mismatch_beats >= 2 or not n.mirror_complete:
+            waiting = n.snapshot_asked is not None and n.last_seen - n.snapshot_asked < max(10.0, 5 * h)
+            if (n.catalog_mismatch_beats >= 2 or not n.mirror_complete) and not waiting:
                 wants.append("catalog")
                 n.catalog_mismatch_beats = 0
+                n.snapshot_asked = n.last_seen
         else:
             n.catalog_mismatch_beats = 0
-        h = self.interval()
         interval = None
         if h != n.interval_sent:
             n.interval_sent = h

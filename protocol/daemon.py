@@ -109,8 +109,6 @@ def configure_socket(sock: "zmq.Socket[Any]", *, hwm: int, linger: float, max_fr
 class _OneLineFormatter(logging.Formatter):
     """Keeps one event on one line (journald and grep both depend on it): newlines escaped."""
 
-    converter = time.gmtime
-
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
 
@@ -120,8 +118,10 @@ def setup_logging(program: str, node: str, level: int = logging.INFO) -> None:
     but tests and plain terminals need one)."""
     handler = logging.StreamHandler(sys.stderr)
     tag = f"{program}[{node}]".replace("%", "%%")
-    handler.setFormatter(_OneLineFormatter(
-        f"%(asctime)s.%(msecs)03dZ {tag} %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    formatter = _OneLineFormatter(f"%(asctime)s.%(msecs)03dZ {tag} %(levelname)s %(name)s: %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime  # UTC, as the Z says (CONV-3)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -68,6 +68,8 @@ def test_heartbeats_are_batched_and_versions_written_on_change(registry: NodeReg
         for i in range(1, 501):
             ack = registry.heartbeat("n1", beat(w.session_id, i))
             assert ack.parent_id == f"b{i}"
+            # WELCOME already asked for the catalog: heartbeats do not ask again meanwhile (CAT-5).
+            assert "catalog" not in (ack.wants or [])
         assert registry.writes == [], "heartbeats must not write the database one by one"
         assert await registry.flush() == 1
         assert registry.writes == ["UPDATE nodes"]

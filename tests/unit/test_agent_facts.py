@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import facts as host
+from agent.blobs import advertised
 from agent.catalog import TASK_KIND, Catalog
 from agent.config import AgentConfig, load_config
 from protocol import canonical
@@ -156,3 +157,14 @@ def test_snapshot_pages_are_bounded_and_valid_messages(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         cat.put("Bad Kind", "x", {})
     cat.close()
+
+
+@pytest.mark.parametrize("bound,address,want", [
+    ("tcp://127.0.0.1:40001", "10.0.0.5", "tcp://127.0.0.1:40001"),
+    ("tcp://0.0.0.0:7713", "10.0.0.5", "tcp://10.0.0.5:7713"),
+    ("tcp://[::]:7713", "fd00::5", "tcp://[fd00::5]:7713"),
+    ("ipc:///run/tc/blob.sock", "10.0.0.5", "ipc:///run/tc/blob.sock"),
+])
+def test_hello_advertises_a_dialable_blob_endpoint(bound: str, address: str, want: str) -> None:
+    """WIRE-6, NODE-15: a wildcard bind is advertised under the node address, so peers can dial it."""
+    assert advertised(bound, address) == want
