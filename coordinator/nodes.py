@@ -56,8 +56,6 @@ class LiveNode:
     storage_at: float | None = None
     mem_free: int | None = None
     sandboxes: int = 0
-    bad_messages: int = 0
-    dropped: int = 0
     health: Health = Health.SUSPECT  # last value the lease loop published; views re-derive
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -7,22 +7,21 @@ task: there is no "one command at a time" lock (STYLE avoid-1).
 """
 from __future__ import annotations
 
-import asyncio
 import grp
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from protocol import codec, envelope
-from protocol.errors import MalformedMessage, ProtocolError, UnsupportedMessage, UnsupportedProtocol
-from protocol.message import Message, body_msg_id, decode_message
-from protocol.messages import Admin, Error
+from protocol import codec
+from protocol.errors import UnsupportedMessage
+from protocol.message import Message
+from protocol.messages import Admin
 
 from ..peers import PeerTable
+from ..router import RouterEndpoint
 from .context import AdminContext
 from .dispatcher import dispatch
 
@@ -63,63 +62,20 @@ def secure_ipc_socket(endpoint: str, gid: int | None) -> None:
     os.chmod(path, 0o660)
 
 
-class AdminEndpoint:
+class AdminEndpoint(RouterEndpoint):
+    name = "admin endpoint"
+    batch = 1000
+
     def __init__(self, sock: zmq.asyncio.Socket, ctx: AdminContext, limits: codec.Limits,
                  progress_every: float, peers: PeerTable) -> None:
-        self.sock = sock
-        self.raw = zmq.Socket.shadow(sock.underlying)
+        super().__init__(sock, limits, peers)
         self.ctx = ctx
-        self.limits = limits
         self.progress_every = progress_every
-        self.peers = peers
-        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def run(self) -> None:
-        while True:
-            await self.sock.poll(flags=zmq.POLLIN)
-            for _ in range(1000):
-                try:
-                    frames = self.raw.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.handle(frames)
-                except Exception:  # noqa: BLE001 — never let one request end the endpoint
-                    log.exception("admin endpoint: unexpected fault")
-            await asyncio.sleep(0)
-
-    def handle(self, frames: list[bytes]) -> None:
-        ident = frames[0] if frames else b""
-        if self.peers.ignored(ident):
-            return
-        try:
-            env = envelope.parse(frames, router=True, limits=self.limits)
-        except envelope.FrameDropped:
-            self.peers.record(ident, dropped=True)
-            return
-        except (UnsupportedProtocol, MalformedMessage) as exc:
-            self.peers.record(ident, dropped=False)
-            self.reply(ident, Error.of(exc))
-            return
-        try:
-            msg = decode_message(env, self.limits)
-            if not isinstance(msg, Admin):
-                raise UnsupportedMessage(f"{msg.TYPE} is not accepted on the admin endpoint",
-                                         {"field": "type", "type": msg.TYPE})
-        except ProtocolError as exc:
-            self.peers.record(ident, dropped=False)
-            self.reply(ident, Error.of(exc, body_msg_id(env)))
-            return
-        task = asyncio.ensure_future(self._run(ident, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, ident: bytes, req: Admin) -> None:
-        reply = await dispatch(self.ctx, req, lambda m: self.reply(ident, m), self.progress_every)
-        self.reply(ident, reply)
-
-    def reply(self, ident: bytes, msg: Message) -> None:
-        try:
-            self.raw.send_multipart(msg.to_frames(ident), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("admin reply dropped: %s", exc)
+    def on_message(self, ident: bytes, msg: Message) -> None:
+        if not isinstance(msg, Admin):
+            raise UnsupportedMessage(f"{msg.TYPE} is not accepted on the admin endpoint",
+                                     {"field": "type", "type": msg.TYPE})
+        # Each request is its own task: no "one command at a time" lock.
+        self.spawn(ident, msg.msg_id,
+                   dispatch(self.ctx, msg, lambda m: self.reply(ident, m), self.progress_every))

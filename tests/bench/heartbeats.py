@@ -641,6 +641,7 @@ class Bench:
         self.broadcast("hello")
         deadline = t0 + a.ramp_timeout
         next_print = t0
+        last_cpu: dict[str, Any] | None = None
         health: collections.Counter[str] = collections.Counter()
         while True:
             self.coord_alive()
@@ -653,8 +654,12 @@ class Bench:
                 if health.get("READY", 0) >= a.nodes:
                     break
             if now >= next_print:
+                cp = self.cpu()
                 self.say(f"  +{now - t0:5.1f}s welcomed {st['c']['welcome']:>6}/{a.nodes}, hello retries "
-                         f"{st['c']['hello_retry']}" + (f", node list: {dict(sorted(health.items()))}" if health else ""))
+                         f"{st['c']['hello_retry']}, ACKs {st['c']['acks']}"
+                         + (f", node list: {dict(sorted(health.items()))}" if health else "")
+                         + (f"; last 5 s: {self.fmt_cpu(self.cpu_delta(last_cpu, cp))}" if last_cpu else ""))
+                last_cpu = cp
                 next_print = now + 5.0
             if now > deadline:
                 raise RuntimeError(f"ramp: not all {a.nodes} nodes READY within {a.ramp_timeout:g}s: "
