@@ -12,7 +12,7 @@ import zmq.asyncio
 from protocol import codec
 from protocol.errors import MalformedMessage, UnsupportedMessage
 from protocol.message import Message
-from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Heartbeat, Hello, RuntimeRefs,
+from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Heartbeat, HeartbeatAck, Hello, RuntimeRefs,
                                TaskAccepted, TaskProgress, TaskResult, Versions)
 
 from .mirror import CatalogMirrors
@@ -35,7 +35,11 @@ class AgentEndpoint(RouterEndpoint):
     def on_message(self, ident: bytes, msg: Message) -> None:
         node_id = ident.decode("ascii", "replace")
         if isinstance(msg, Heartbeat):
-            self.reply(ident, self.reg.heartbeat(node_id, msg))
+            ack = self.reg.heartbeat(node_id, msg)
+            if ack is None:
+                self.send(HeartbeatAck.plain_frames(ident, msg.msg_id))
+            else:
+                self.reply(ident, ack)
         elif isinstance(msg, Hello):
             if msg.node_id != node_id:
                 raise MalformedMessage("HELLO node_id must equal the DEALER identity",

@@ -43,31 +43,44 @@ class Thresholds:
         return max(self.lease_ttl_min, self.lease_missed * h)
 
 
+class Judge:
+    """Health at one instant for many nodes: the thresholds are computed once per pass (the
+    lease loop judges every node several times a second)."""
+
+    __slots__ = ("now", "suspect_after", "lost_after", "in_grace")
+
+    def __init__(self, *, now: float, h: float, t: Thresholds, grace_until: float) -> None:
+        self.now = now
+        self.suspect_after = t.suspect_after(h)
+        self.lost_after = t.lost_after(h)
+        self.in_grace = now < grace_until
+
+    def of(self, last_seen: float | None, in_session: bool, mirror_complete: bool) -> Health:
+        """* LOST once silent for max(lease_ttl_min, lease_missed·H) — except during the failover
+          grace after a coordinator start, when it reads SUSPECT instead (NODE-8);
+        * SUSPECT once silent for suspect_missed·H, or during the grace until it says HELLO again;
+        * WARMING while its catalog mirror is incomplete (NODE-3);
+        * READY otherwise."""
+        if last_seen is None:
+            return Health.SUSPECT if self.in_grace else Health.LOST
+        age = self.now - last_seen
+        if age > self.lost_after:
+            return Health.SUSPECT if self.in_grace else Health.LOST
+        if age > self.suspect_after:
+            return Health.SUSPECT
+        if not in_session:
+            # Heard recently but without a live session (e.g. heartbeats of a session from before a
+            # coordinator restart): not usable until it says HELLO again.
+            return Health.SUSPECT
+        if not mirror_complete:
+            return Health.WARMING
+        return Health.READY
+
+
 def derive(*, now: float, last_seen: float | None, h: float, t: Thresholds, in_session: bool,
            mirror_complete: bool, grace_until: float) -> Health:
-    """The health of one node at ``now`` (all times in seconds, same clock).
-
-    * LOST once silent for max(lease_ttl_min, lease_missed·H) — except during the failover
-      grace after a coordinator start, when it reads SUSPECT instead (NODE-8);
-    * SUSPECT once silent for suspect_missed·H, or during the grace until it says HELLO again;
-    * WARMING while its catalog mirror is incomplete (NODE-3);
-    * READY otherwise.
-    """
-    in_grace = now < grace_until
-    if last_seen is None:
-        return Health.SUSPECT if in_grace else Health.LOST
-    age = now - last_seen
-    if age > t.lost_after(h):
-        return Health.SUSPECT if in_grace else Health.LOST
-    if age > t.suspect_after(h):
-        return Health.SUSPECT
-    if not in_session:
-        # Heard recently but without a live session (e.g. heartbeats of a session from before a
-        # coordinator restart): not usable until it says HELLO again.
-        return Health.SUSPECT
-    if not mirror_complete:
-        return Health.WARMING
-    return Health.READY
+    """The health of one node at ``now`` (all times in seconds, same clock); see ``Judge.of``."""
+    return Judge(now=now, h=h, t=t, grace_until=grace_until).of(last_seen, in_session, mirror_complete)
 
 
 def placeable(health: Health, admin: AdminState | str, storage_mode: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, Awaitable
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 class RouterEndpoint:
     name = "endpoint"
     batch = 2000
+    slice_s = 0.005  # longest stretch one drain holds the loop, so admin requests are not starved
 
     def __init__(self, sock: zmq.asyncio.Socket, limits: codec.Limits, peers: PeerTable) -> None:
         self.sock = sock
@@ -37,21 +39,53 @@ class RouterEndpoint:
         self.peers = peers
         self.received = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_drain = False
+        self._drain_scheduled = False
 
     async def run(self) -> None:
-        while True:
-            await self.sock.poll(flags=zmq.POLLIN)
-            for _ in range(self.batch):
+        """Serve until cancelled. The socket's descriptor drives ``_drain`` directly, with no
+        future per wake-up; libzmq's descriptor is edge-triggered, so every drain reads until
+        EAGAIN, and a send made outside a drain schedules one (a send can swallow the edge)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        fd = self.raw.getsockopt(zmq.FD)
+        loop.add_reader(fd, self._drain)
+        loop.call_soon(self._drain)  # messages that arrived before we watched the descriptor
+        try:
+            await loop.create_future()  # runs until cancelled
+        finally:
+            loop.remove_reader(fd)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        self._in_drain = True
+        deadline = time.monotonic() + self.slice_s
+        try:
+            for i in range(self.batch):
                 try:
                     frames = self.raw.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
-                    break
+                    return
+                except zmq.ZMQError as exc:  # socket closing at shutdown
+                    log.debug("%s: receive failed: %s", self.name, exc)
+                    return
                 self.received += 1
                 try:
                     self.handle(frames)
                 except Exception:  # noqa: BLE001 — last line of defence: log and keep serving
                     log.exception("%s: unexpected fault (ref %s)", self.name, uuid.uuid4().hex[:12])
-            await asyncio.sleep(0)  # let handler tasks and the other endpoints run between batches
+                if i & 63 == 63 and time.monotonic() > deadline:
+                    break
+            # Not drained yet: yield to other callbacks (admin requests, timers), then go on.
+            self._schedule_drain()
+        finally:
+            self._in_drain = False
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
 
     def handle(self, frames: list[bytes]) -> None:
         ident = frames[0] if frames else b""
@@ -100,10 +134,15 @@ class RouterEndpoint:
         task.add_done_callback(self._tasks.discard)
 
     def reply(self, ident: bytes, msg: Message) -> None:
+        self.send(msg.to_frames(ident))
+
+    def send(self, frames: list[bytes]) -> None:
         try:
-            self.raw.send_multipart(msg.to_frames(ident), zmq.NOBLOCK)
+            self.raw.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or HWM: the peer's own timeouts recover
-            log.debug("%s: reply to %r dropped: %s", self.name, ident[:64], exc)
+            log.debug("%s: reply to %r dropped: %s", self.name, frames[0][:64], exc)
+        if not self._in_drain:
+            self._schedule_drain()
 
     def count_bad(self, ident: bytes, *, dropped: bool, reason: str) -> None:
         c = self.peers.record(ident, dropped=dropped)

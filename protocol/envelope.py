@@ -11,7 +11,7 @@ exception, which of the three outcomes applies to a bad frame:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .codec import DEFAULT_LIMITS, Limits, check_frame
 from .errors import MalformedMessage, UnsupportedProtocol
@@ -31,8 +31,8 @@ class FrameDropped(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
+    # A NamedTuple, not a dataclass: built once per received message, so it must be cheap.
     identity: bytes | None
     msg_type: str
     body: bytes
@@ -47,8 +47,9 @@ def parse(frames: list[bytes], *, router: bool, limits: Limits = DEFAULT_LIMITS)
         identity, frames = bytes(frames[0]), frames[1:]
     if not frames:
         raise FrameDropped("no protocol frame")
-    proto = bytes(frames[0][:16]) if len(frames[0]) > 16 else bytes(frames[0])
+    proto = frames[0]
     if proto != PROTOCOL:
+        proto = bytes(proto[:16])
         m = _TC_RE.match(proto)
         if m is None:
             raise FrameDropped("not a TC frame")
@@ -59,11 +60,19 @@ def parse(frames: list[bytes], *, router: bool, limits: Limits = DEFAULT_LIMITS)
         raise MalformedMessage(f"expected 3 frames after the identity, got {len(frames)}",
                                {"field": "frames", "reason": "count"})
     raw_type, body = frames[1], frames[2]
-    if len(raw_type) > MAX_TYPE_LEN or not _TYPE_RE.match(bytes(raw_type)):
-        raise MalformedMessage("message type must be 1-32 upper-case ASCII letters, digits or _",
-                               {"field": "type", "reason": "format"})
-    check_frame(len(body), limits)
-    return Envelope(identity, bytes(raw_type).decode("ascii"), bytes(body))
+    msg_type = _KNOWN_TYPES.get(raw_type)  # the common case: a type we have seen, no regex
+    if msg_type is None:
+        if len(raw_type) > MAX_TYPE_LEN or not _TYPE_RE.match(bytes(raw_type)):
+            raise MalformedMessage("message type must be 1-32 upper-case ASCII letters, digits or _",
+                                   {"field": "type", "reason": "format"})
+        msg_type = bytes(raw_type).decode("ascii")
+    if len(body) > limits.max_frame:
+        check_frame(len(body), limits)
+    return Envelope(identity, msg_type, body if type(body) is bytes else bytes(body))
+
+
+# Filled by protocol.message as message classes register: raw type frame -> type name.
+_KNOWN_TYPES: dict[bytes, str] = {}
 
 
 def frames(msg_type: str, body: bytes, identity: bytes | None = None) -> list[bytes]:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from . import codec
+from . import envelope
 from .envelope import Envelope, frames as _frames
 from .errors import MalformedMessage, UnsupportedMessage
 from .schema import SchemaError, Validator
@@ -42,37 +43,51 @@ class Message:
             if cls.TYPE in REGISTRY and REGISTRY[cls.TYPE].__qualname__ != cls.__qualname__:
                 raise TypeError(f"message type {cls.TYPE} registered twice")
             REGISTRY[cls.TYPE] = cls
+            envelope._KNOWN_TYPES[cls.TYPE.encode("ascii")] = cls.TYPE
 
     @classmethod
     def _spec(cls) -> tuple[tuple[str, Validator, bool], ...]:
-        # Computed once per class: the field list, its validators and requiredness.
-        spec = cls.__dict__.get("_SPEC_CACHE")
-        if spec is None:
+        # Computed once per (slotted) class: the field list, its validators and requiredness.
+        try:
+            return cls.__dict__["_SPEC_CACHE"]  # type: ignore[no-any-return]
+        except KeyError:
             spec = tuple((f.name, f.metadata["v"], f.metadata["req"])
                          for f in dataclasses.fields(cls))  # type: ignore[arg-type]
             setattr(cls, "_SPEC_CACHE", spec)
-        return spec
+            return spec
 
-    def __post_init__(self) -> None:
-        for name, v, required in self._spec():
-            val = getattr(self, name)
+    @classmethod
+    def _validated(cls, get: Any) -> dict[str, Any]:
+        """Every field's checked value, reading raw values with ``get(name)``."""
+        out: dict[str, Any] = {}
+        for name, v, required in cls._spec():
+            val = get(name)
             if val is None:
                 if required:
-                    raise MalformedMessage(f"{self.TYPE}: field {name} is required",
+                    raise MalformedMessage(f"{cls.TYPE}: field {name} is required",
                                            {"field": name, "reason": "required"})
+                out[name] = None
                 continue
             try:
-                new = v(val, name)
+                out[name] = v(val, name)
             except SchemaError as exc:
-                raise MalformedMessage(f"{self.TYPE}: {exc.field}: {exc.reason}",
+                raise MalformedMessage(f"{cls.TYPE}: {exc.field}: {exc.reason}",
                                        {"field": exc.field, "reason": exc.reason}) from None
-            if new is not val:
-                object.__setattr__(self, name, new)
+        return out
+
+    def __post_init__(self) -> None:
+        for name, val in self._validated(lambda n: getattr(self, n)).items():
+            object.__setattr__(self, name, val)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "Message":
-        kwargs = {name: body.get(name) for name, _, _ in cls._spec()}
-        return cls(**kwargs)
+        """Validate a decoded body once and build the instance without a second pass; unknown
+        fields are ignored (WIRE-3). This is the heartbeat hot path, hence no ``cls(**kw)``."""
+        values = cls._validated(body.get)
+        obj = object.__new__(cls)
+        for name, val in values.items():
+            object.__setattr__(obj, name, val)
+        return obj
 
     def to_body(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name, _, _ in self._spec()

@@ -12,7 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from msgpack import packb
+
 from . import ids
+from .envelope import PROTOCOL
 from .message import Message, opt, req
 from .schema import Any_, Bool, Enum, Int, List, Map, Scalar, Str, Struct
 
@@ -93,6 +96,13 @@ class HeartbeatAck(Message):
     parent_id: str = req(MSG_ID)
     interval: int | None = opt(Int(10, 3_600_000))
     wants: list[str] | None = opt(List(Enum(("catalog", "versions", "refs")), 3))
+
+    @staticmethod
+    def plain_frames(identity: bytes, parent_id: str) -> list[bytes]:
+        """The common ACK (no new interval, nothing wanted) without building an instance: one
+        per heartbeat, so it skips the dataclass. ``parent_id`` must be a msg_id that was
+        validated on decode, which makes the result valid by construction."""
+        return [identity, PROTOCOL, b"HEARTBEAT_ACK", packb({"parent_id": parent_id})]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from ..health import placeable
 from ..storage import storage_mode, usage_percent
 
 if TYPE_CHECKING:
+    from ..health import Judge
     from ..nodes import LiveNode
     from .context import AdminContext
 
@@ -15,9 +16,9 @@ def _ms(t: float | None) -> int | None:
     return int(t * 1000) if t is not None else None
 
 
-def node_summary(ctx: "AdminContext", n: "LiveNode", now: float) -> dict[str, Any]:
+def node_summary(ctx: "AdminContext", n: "LiveNode", now: float, judge: "Judge | None" = None) -> dict[str, Any]:
     reg = ctx.nodes
-    health = reg.health(n, now)
+    health = reg.health(n, now, judge)
     st = ctx.config.storage
     lost_after = reg.t.lost_after(reg.interval())
     fresh = n.storage_at is not None and now - n.storage_at <= lost_after

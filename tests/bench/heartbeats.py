@@ -23,6 +23,9 @@ What it does (README.md next to this file explains every number):
    the threshold max(lease_ttl_min, 5 H) (NODE-2);
 4. prints one JSON line with the figures and the ratios against the same run's baseline.
 
+``--pin`` gives the coordinator the first CPU to itself and the simulator the others, so "one core"
+means one core. ``--py-spy FILE`` profiles the coordinator during window b1.
+
 ``--max`` measures the hot path's capacity instead: by default 2000 nodes at 0.05 s (40,000 beats/s
 offered) with at most ``--window`` (2) unanswered beats per node, against a coordinator whose own
 interval stays 2 s so that health does not flap at 20 Hz. The coordinator then always has a queue;
@@ -68,7 +71,7 @@ from protocol.envelope import parse  # noqa: E402
 from protocol.message import decode_message  # noqa: E402
 from protocol.messages import (CatalogSnapshot, Error, Heartbeat, Hello, RuntimeRefs, Versions,  # noqa: E402
                                Welcome)
-from tests.support import Cluster, free_port, wait_for  # noqa: E402
+from tests.support import Cluster, wait_for  # noqa: E402
 
 MACHINE_NOTE = ("simulator workers share the machine's {cores} cores with the coordinator; CPU figures are "
                 "the coordinator process's own (all threads), not the machine's")
@@ -120,11 +123,13 @@ class SimConfig:
     window: int             # max unanswered beats per node; 0 = unlimited (a real agent)
     hello_inflight: int     # this worker's share of the bounded HELLO window
     base: float             # shared CLOCK_MONOTONIC origin of the phase spread
+    tick: float             # loop period in s; 0 = wake up for every message
+    cpus: tuple[int, ...] | None = None   # CPU affinity of the worker (--pin)
 
 
 class SimNode:
     __slots__ = ("idx", "pos", "node_id", "ident", "sock", "fd", "state", "alive", "session", "tail", "seq",
-                 "interval", "next_due", "outstanding", "last_send", "hello_id", "hello_at", "catalog_at")
+                 "interval", "next_due", "outstanding", "blocked_since", "last_send", "hello_id", "hello_at", "catalog_at")
 
     def __init__(self, idx: int, pos: int) -> None:
         self.idx = idx
@@ -141,6 +146,7 @@ class SimNode:
         self.interval = 0.0
         self.next_due = 0.0
         self.outstanding = 0
+        self.blocked_since = -1.0   # >= 0: window full since then, waiting for an ACK
         self.last_send = 0.0
         self.hello_id = ""
         self.hello_at = 0.0
@@ -172,11 +178,14 @@ def heartbeat_body(tail: bytes, msg_id: str, seq: int) -> bytes:
 class Worker:
     """One process: its nodes' DEALERs driven from one poll loop (no asyncio, no threads).
 
-    ``zmq.Poller`` over ~3,300 sockets costs ~12 ms per call (zmq_poll asks every socket for
-    ZMQ_FD and ZMQ_EVENTS each time), so the loop polls the sockets' ZMQ_FD descriptors with
-    epoll instead (~0.01 ms when nothing is ready). ZMQ_FD only says "look at the socket": a
-    ready fd is followed by reads until EAGAIN, and every send is followed by a ZMQ_EVENTS
-    check, because a send may consume the signal of a reply that already arrived.
+    ``zmq.Poller`` over 3,334 DEALERs measured 11.9 ms per ``poll(0)`` here (zmq_poll asks every
+    socket for ZMQ_FD and ZMQ_EVENTS on every call), which would make the simulator the
+    bottleneck; so the loop registers the sockets' ZMQ_FD descriptors (and the control pipe) in
+    one epoll, whose cost follows the number of ready sockets. ZMQ_FD only says "look at the
+    socket": a ready fd is followed by reads until EAGAIN, every send by a ZMQ_EVENTS check
+    (a send may consume the signal of a reply that already arrived), and once a second every
+    socket is checked as a safety net. With ``tick`` > 0 the loop wakes once per tick and
+    handles everything that came due or arrived since, instead of once per message.
     """
 
     def __init__(self, wid: int, indices: list[int], cfg: SimConfig, conn: Any) -> None:
@@ -192,7 +201,6 @@ class Worker:
         self.heap: list[tuple[float, int]] = []   # (due, position in self.nodes)
         self.pending: collections.deque[int] = collections.deque()
         self.inflight = 0
-        self.hello_started = False
         self.c: collections.Counter[str] = collections.Counter()
         self.rtt: list[float] = []
         self.last_welcome = 0.0
@@ -248,21 +256,22 @@ class Worker:
                                           epoch=EPOCH, seq=0, page=0, last=True, entries=[],
                                           digest=EMPTY_DIGEST))
 
+    def _send_beat(self, n: SimNode, now: float) -> None:
+        n.seq += 1
+        body = heartbeat_body(n.tail, f"{n.seq}.{int(now * 1e6)}", n.seq)
+        if self._send(n, [PROTO, HB_TYPE, body]):
+            n.outstanding += 1
+            n.last_send = now
+            self.c["beats"] += 1
+
     def _beat(self, n: SimNode, due: float, now: float) -> None:
         if n.alive and n.state == "live":
-            w = self.cfg.window
-            if w and n.outstanding >= w and now - n.last_send > 5.0:
-                n.outstanding = 0   # an ACK got lost: do not stall this node forever
-                self.c["window_reset"] += 1
-            if w and n.outstanding >= w:
-                self.c["skipped_window"] += 1
-            else:
-                n.seq += 1
-                body = heartbeat_body(n.tail, f"{n.seq}.{int(now * 1e6)}", n.seq)
-                if self._send(n, [PROTO, HB_TYPE, body]):
-                    n.outstanding += 1
-                    n.last_send = now
-                    self.c["beats"] += 1
+            if self.cfg.window and n.outstanding >= self.cfg.window:
+                # closed loop: the timer stops and the ACK that frees the window sends the next beat
+                n.blocked_since = due
+                n.next_due = -1.0
+                return
+            self._send_beat(n, now)
         # next slot in phase; slots already past are skipped, never sent in a burst (like the agent)
         nxt = due + n.interval
         if nxt <= now:
@@ -271,6 +280,14 @@ class Worker:
             nxt += missed * n.interval
         n.next_due = nxt
         heapq.heappush(self.heap, (nxt, n.pos))
+
+    def _unblock(self, n: SimNode, now: float) -> None:
+        self.c["skipped_window"] += int((now - n.blocked_since) / n.interval)
+        n.blocked_since = -1.0
+        if n.alive and n.state == "live":
+            self._send_beat(n, now)
+        n.next_due = now + n.interval
+        heapq.heappush(self.heap, (n.next_due, n.pos))
 
     def _schedule_first(self, n: SimNode, now: float) -> None:
         phase = (n.idx / self.cfg.nodes) * n.interval
@@ -296,6 +313,8 @@ class Worker:
         self.c["acks"] += 1
         if n.outstanding:
             n.outstanding -= 1
+        if n.blocked_since >= 0 and n.outstanding < self.cfg.window:
+            self._unblock(n, time.monotonic())
         if body[:1] != b"\x81" or self.c["acks"] % RTT_SAMPLE_EVERY == 0:
             b = msgpack.unpackb(body, raw=False)
             pid = b.get("parent_id", "")
@@ -330,7 +349,7 @@ class Worker:
             self.c["welcome"] += 1
             self.last_welcome = now
             self.inflight -= 1
-            n.state, n.session, n.seq, n.outstanding = "live", msg.session_id, 0, 0
+            n.state, n.session, n.seq, n.outstanding, n.blocked_since = "live", msg.session_id, 0, 0, -1.0
             n.interval = n.interval or self.cfg.interval
             n.tail = heartbeat_tail(n.session, n.idx)
             if not self.validated:  # the pre-encoded body must be a valid HEARTBEAT (WIRE-3)
@@ -360,7 +379,6 @@ class Worker:
                 self.running = False
                 return
             if cmd == "hello":
-                self.hello_started = True
                 self.pending.extend(range(len(self.nodes)))
             elif cmd == "stats":
                 out = {"wid": self.wid, "counters": dict(self.c), "rtt": self.rtt,
@@ -409,17 +427,33 @@ class Worker:
                     if n.sock is not None and n.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self.c["sweep_found"] += 1
                         self._drain(n)
+                    if n.blocked_since >= 0 and now - n.last_send > 5.0:
+                        n.outstanding = 0   # an ACK got lost: do not stall this node forever
+                        self.c["window_reset"] += 1
+                        self._unblock(n, now)
+            if self.cfg.tick > 0:
+                # Fixed tick: one wake-up handles every ACK that arrived and every beat that came
+                # due since the last one, instead of one wake-up per message (a beat leaves at
+                # most one tick late; an ACK is read at most one tick late).
+                self._dispatch(self.ep.poll(0))
+                delay = now + self.cfg.tick - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                continue
             timeout = 0.05
             if heap:
                 timeout = min(timeout, max(0.0, heap[0][0] - time.monotonic()))
             if self.pending and self.inflight < self.cfg.hello_inflight:
                 timeout = 0.0
-            for fd, _ in self.ep.poll(timeout):
-                n = self.by_fd.get(fd)
-                if n is None:
-                    self._control()
-                else:
-                    self._drain(n)
+            self._dispatch(self.ep.poll(timeout))
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        for fd, _ in events:
+            n = self.by_fd.get(fd)
+            if n is None:
+                self._control()
+            else:
+                self._drain(n)
 
     def close(self) -> None:
         for n in self.nodes:
@@ -431,6 +465,8 @@ class Worker:
 def worker_main(wid: int, indices: list[int], cfg: SimConfig, conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent owns Ctrl-C and stops us
     _die_with_parent()
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
     w: Worker | None = None
     try:
         w = Worker(wid, indices, cfg, conn)
@@ -461,6 +497,8 @@ class Bench:
     conns: list[Any] = field(default_factory=list)
     spy: subprocess.Popen[bytes] | None = None
     out: dict[str, Any] = field(default_factory=dict)
+    coord_cpus: tuple[int, ...] | None = None
+    sim_cpus: tuple[int, ...] | None = None
 
     # --- plumbing ---------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -479,9 +517,20 @@ class Bench:
                                lease_ttl_min=_dur(a.lease_ttl_min), grace="0s", coord_extra=extra)
         argv = self.cluster.coordinator_argv(migrate=True) + ["--log-level", a.coord_log_level]
         self.coord_log = open(self.root / "coordinator.log", "ab")
+        cpus = sorted(os.sched_getaffinity(0))
+        if a.pin and len(cpus) > 1:
+            # the coordinator (every thread: set before exec, inherited) gets the first CPU to itself;
+            # the simulator and this driver share the others
+            self.coord_cpus, self.sim_cpus = (cpus[0],), tuple(cpus[1:])
+            os.sched_setaffinity(0, self.sim_cpus)
+        coord_cpus = self.coord_cpus
+
+        def prepare() -> None:
+            _die_with_parent()
+            if coord_cpus:
+                os.sched_setaffinity(0, coord_cpus)
         self.coord = subprocess.Popen(argv, stdout=self.coord_log, stderr=subprocess.STDOUT, cwd=REPO,
-                                      env=self.cluster.env(), start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      env=self.cluster.env(), start_new_session=True, preexec_fn=prepare)
         t0 = time.monotonic()
         wait_for(lambda: self.cluster.tcctl("node", "list", timeout=2)[0] == 0 or self.coord.poll() is not None,
                  60, "the coordinator to answer tcctl node list --json")
@@ -489,7 +538,9 @@ class Bench:
             raise RuntimeError(f"coordinator exited with {self.coord.returncode}:\n{self.coord_tail()}")
         self.say(f"coordinator pid {self.coord.pid} up in {time.monotonic() - t0:.1f}s "
                  f"(db {a.db}, agents tcp://127.0.0.1:{self.cluster.agent_port}, H {a.coord_interval:g}s, "
-                 f"lease_ttl_min {a.lease_ttl_min:g}s, failover_grace 0s)")
+                 f"lease_ttl_min {a.lease_ttl_min:g}s, failover_grace 0s"
+                 + (f"; pinned: coordinator CPU {self.coord_cpus}, simulator CPUs {self.sim_cpus}" if self.coord_cpus
+                    else "") + ")")
 
     def coord_tail(self, n: int = 3000) -> str:
         p = self.root / "coordinator.log"
@@ -539,22 +590,27 @@ class Bench:
                 sim += t.user + t.system
             except psutil.Error:
                 pass
+        me = psutil.Process().cpu_times()
         m = psutil.cpu_times()
         return {"t": time.monotonic(), "coord": ct.user + ct.system, "threads": dict(threads), "sim": sim,
+                "bench": me.user + me.system,
                 "machine_busy": m.user + m.system + m.nice + getattr(m, "irq", 0) + getattr(m, "softirq", 0)}
 
     @staticmethod
     def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         wall = b["t"] - a["t"]
         th = {k: (b["threads"].get(k, 0) - a["threads"].get(k, 0)) / wall for k in b["threads"]}
-        return {"wall": wall, "coord": (b["coord"] - a["coord"]) / wall, "sim": (b["sim"] - a["sim"]) / wall,
-                "machine": (b["machine_busy"] - a["machine_busy"]) / wall,
+        coord, sim = (b["coord"] - a["coord"]) / wall, (b["sim"] - a["sim"]) / wall
+        machine, bench = (b["machine_busy"] - a["machine_busy"]) / wall, (b["bench"] - a["bench"]) / wall
+        return {"wall": wall, "coord": coord, "sim": sim, "machine": machine, "bench": bench,
+                "others": max(0.0, machine - coord - sim - bench),
                 "threads": {k: v for k, v in sorted(th.items(), key=lambda kv: -kv[1]) if v >= 0.005}}
 
     def fmt_cpu(self, d: dict[str, Any]) -> str:
         th = ", ".join(f"{k} {v:.3f}" for k, v in d["threads"].items())
-        return (f"coordinator {d['coord']:.3f} cores [{th}]; simulator {d['sim']:.3f}; "
-                f"machine busy {d['machine']:.2f} of {psutil.cpu_count()} cores")
+        return (f"coordinator {d['coord']:.3f} cores [{th}]; simulator {d['sim']:.3f}; bench driver "
+                f"{d['bench']:.3f}; other processes {d['others']:.2f}; machine busy {d['machine']:.2f} of "
+                f"{psutil.cpu_count()} cores")
 
     # --- workers ----------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -569,7 +625,8 @@ class Bench:
             parent, child = ctx.Pipe()
             cfg = SimConfig(endpoint=f"tcp://127.0.0.1:{self.cluster.agent_port}", nodes=a.nodes,  # type: ignore[union-attr]
                             interval=a.interval, window=a.window,
-                            hello_inflight=max(1, a.hello_inflight // a.procs), base=base)
+                            hello_inflight=max(1, a.hello_inflight // a.procs), base=base, tick=a.tick,
+                            cpus=self.sim_cpus)
             p = ctx.Process(target=worker_main, args=(wid, list(range(start, start + count)), cfg, child),
                             name=f"sim-worker-{wid}", daemon=True)
             p.start()
@@ -681,6 +738,7 @@ class Bench:
     def _window(self, label: str, seconds: float, reads: int) -> dict[str, Any]:
         """Run ``seconds`` of steady load; ``reads`` node list requests spread evenly over it."""
         _, r0 = self.node_list()
+        tr0 = time.monotonic()
         s0 = self.stats(reset_rtt=True)
         c0 = self.cpu()
         spy = self.start_spy(seconds) if (self.args.py_spy and reads == 0) else None
@@ -695,12 +753,13 @@ class Bench:
         c1 = self.cpu()
         s1 = self.stats(reset_rtt=True)
         _, r1 = self.node_list()
+        tr1 = time.monotonic()
         self.coord_alive()
         cpu = self.cpu_delta(c0, c1)
         wall = s1["t"] - s0["t"]
         acks = s1["c"]["acks"] - s0["c"]["acks"]
         beats = s1["c"]["beats"] - s0["c"]["beats"]
-        hb_counter = (r1["heartbeats"] - r0["heartbeats"]) / wall
+        hb_counter = (r1["heartbeats"] - r0["heartbeats"]) / (tr1 - tr0)
         health = collections.Counter(n["health"] for n in r1["nodes"])
         res = {"wall": wall, "absorbed": acks / wall, "sent": beats / wall, "counter": hb_counter,
                "cpu": cpu, "lat": lat, "rtt": s1["rtt"], "health": dict(health),
@@ -742,16 +801,22 @@ class Bench:
         else:
             b2 = None
         cores = b1["cpu"]["coord"]
+        rtt50 = pct(b1["rtt"], 50) or 0.0
+        saturated = rtt50 > min(1.0, a.interval) or b1["absorbed"] < 0.95 * b1["sent"]
+        if saturated:
+            self.say(f"coordinator SATURATED: ACK round trip p50 {rtt50 * 1000:.0f} ms (a queue in front of it); the "
+                     f"absorbed rate {b1['absorbed']:.0f}/s is its capacity here, not the offered load")
         p99 = pct(b2["lat"], 99) if b2 else None
         p50 = pct(b2["lat"], 50) if b2 else None
         idle99 = self.out.get("idle_node_list_p99_ms")
         self.out.update(
-            offered_per_s=rnd(offered, 1), sent_per_s=rnd(b1["sent"], 1), absorbed_per_s=rnd(b1["absorbed"], 1),
+            saturated=saturated, offered_per_s=rnd(offered, 1), sent_per_s=rnd(b1["sent"], 1), absorbed_per_s=rnd(b1["absorbed"], 1),
             coordinator_counter_per_s=rnd(b1["counter"], 1), coordinator_cpu_cores=rnd(cores, 4),
             coordinator_threads_cores={k: rnd(v, 4) for k, v in b1["cpu"]["threads"].items()},
             per_core_rate=rnd(b1["absorbed"] / cores, 1) if cores > 0 else None,
             cpu_fraction_of_half_core=rnd(cores / 0.5, 3),
             sim_cpu_cores=rnd(b1["cpu"]["sim"], 3), machine_busy_cores=rnd(b1["cpu"]["machine"], 3),
+            other_processes_cpu_cores=rnd(b1["cpu"]["others"], 3),
             heartbeat_rtt_p50_ms=rnd((pct(b1["rtt"], 50) or 0) * 1000), heartbeat_rtt_p99_ms=rnd((pct(b1["rtt"], 99) or 0) * 1000),
             beats_skipped_window_per_s=rnd(b1["skipped_window"], 1), beats_skipped_behind_per_s=rnd(b1["skipped_behind"], 1),
             health_after_steady=b1["health"],
@@ -778,8 +843,11 @@ class Bench:
         killed = sum(self._recv(c, 30)[1] for c in self.conns)
         t_kill = time.monotonic()
         assert killed == k, (killed, k)
-        deadline = t_kill + 2 * threshold + 30
+        # a backlog in the coordinator's queue delays detection by about its depth (the ACK round trip)
+        backlog = (self.out.get("heartbeat_rtt_p99_ms") or 0) / 1000
+        deadline = t_kill + 2 * threshold + 30 + 3 * backlog
         polls = 0
+        lost: dict[str, Any] = {}
         first_all: float | None = None
         lost_times: dict[str, float] = {}
         silent: list[int] = []
@@ -808,9 +876,15 @@ class Bench:
             self.drain_events(sub, vid, lost_times)
             time.sleep(0.05)
         sub.close(linger=0)
-        if first_all is None:
-            raise RuntimeError(f"not all {k} killed nodes LOST within {deadline - t_kill:.0f}s")
         ev = sorted(t - t_kill for t in lost_times.values())
+        if first_all is None:
+            got = sum(1 for v in vid if v in lost)
+            self.out.update(lost_nodes=k, lost_detect_s=None, lost_threshold_s=threshold,
+                            lost_detected_by_deadline=got, lost_deadline_s=rnd(deadline - t_kill, 1))
+            self.say(f"NOT all {k} killed nodes LOST within {deadline - t_kill:.0f} s: {got} were "
+                     f"(ACK round trip p99 before the kill: {backlog:.1f} s — queued heartbeats keep a dead "
+                     f"node's last_seen fresh until the coordinator has worked through them)")
+            return
         self.out.update(lost_nodes=k, lost_detect_s=rnd(first_all, 2), lost_threshold_s=threshold,
                         lost_detect_ratio_vs_threshold=rnd(first_all / threshold, 3),
                         lost_event_first_s=rnd(ev[0], 2) if ev else None, lost_event_last_s=rnd(ev[-1], 2) if ev else None,
@@ -910,9 +984,17 @@ class Bench:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+# Leaf frames that are a thread waiting, not working. py-spy's idle detection does not work on every
+# kernel (on the Firecracker VM these figures come from, sleeping threads are sampled as active), so
+# these are counted apart and the shares below are of the busy samples only.
+WAIT_LEAVES = ("EpollSelector.select (selectors.py", "Poller.poll (zmq/sugar/poll.py",
+               "_worker (concurrent/futures/thread.py:81)", "wait (threading.py", "get (queue.py",
+               "_wait_for_tstate_lock", "select.epoll.poll", "time.sleep")
+
+
 def summarise_collapsed(text: str, top: int = 25) -> str:
     """Self and inclusive shares per function from py-spy's collapsed ('raw') output."""
-    total = 0
+    total = waits = 0
     self_c: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -921,20 +1003,25 @@ def summarise_collapsed(text: str, top: int = 25) -> str:
         if not stack or not n.isdigit():
             continue
         cnt = int(n)
-        total += cnt
         frames = stack.split(";")
+        thread = ""
         if frames and frames[0].startswith(("thread (", "process ")):
-            threads[frames[0]] += cnt
+            thread = frames[0]
             frames = [f for f in frames if not f.startswith(("thread (", "process "))]
         if not frames:
             continue
+        if frames[-1].startswith(WAIT_LEAVES):
+            waits += cnt
+            continue
+        total += cnt
+        threads[thread] += cnt
         self_c[frames[-1]] += cnt
         for f in set(frames):
             incl[f] += cnt
     if not total:
-        return "py-spy: no samples"
-    lines = [f"py-spy: {total} samples (non-idle)"]
-    lines += [f"  {t}: {c * 100 / total:.1f}%" for t, c in threads.most_common(6)]
+        return "py-spy: no busy samples"
+    lines = [f"py-spy: {total} busy samples ({waits} more in select/poll/queue waits left out); shares of busy:"]
+    lines += [f"  {t or 'all threads'}: {c * 100 / total:.1f}%" for t, c in threads.most_common(6)]
     lines.append("  top self time:")
     lines += [f"    {c * 100 / total:5.1f}%  {f}" for f, c in self_c.most_common(top)]
     lines.append("  top inclusive time:")
@@ -948,7 +1035,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=float, help="heartbeat interval in s (default 2; 0.05 with --max)")
     p.add_argument("--procs", type=int, default=3, help="simulator worker processes (default 3)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per steady-state window (default 20)")
-    p.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="coordinator database: SQLite in the temp dir (default) or a throwaway PostgreSQL "
+                        "cluster (tests/pg.py; its server CPU is not counted as the coordinator's)")
     p.add_argument("--max", action="store_true", help="max-throughput mode (see the module docstring)")
     p.add_argument("--window", type=int, help="max unanswered beats per node, 0 = unlimited "
                                               "(default 0; 2 with --max)")
@@ -956,17 +1045,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         "(default --interval; 2 with --max)")
     p.add_argument("--lease-ttl-min", type=float, default=15.0, help="heartbeat.lease_ttl_min in s (default 15)")
     p.add_argument("--max-rate", type=int, default=20_000, help="heartbeat.max_rate (NODE-7 cap, default 20000)")
-    p.add_argument("--hello-inflight", type=int, default=256, help="HELLOs in flight over all workers")
+    p.add_argument("--hello-inflight", type=int, default=256, help="HELLOs in flight over all workers (default 256)")
     p.add_argument("--samples", type=int, default=50, help="node list requests per measurement (default 50)")
     p.add_argument("--no-reads", dest="reads", action="store_false", help="skip the b2 node list window")
     p.add_argument("--kill", dest="kill", action="store_true", default=None, help="run phase (c) (default: "
                                                                                    "yes, no with --max)")
     p.add_argument("--no-kill", dest="kill", action="store_false")
-    p.add_argument("--lost-poll", type=float, default=0.25, help="node list poll period near the LOST threshold")
+    p.add_argument("--lost-poll", type=float, default=0.25, help="node list poll period near the LOST threshold "
+                                                                  "(default 0.25 s)")
     p.add_argument("--ramp-timeout", type=float, help="seconds (default 60 + nodes/50)")
     p.add_argument("--py-spy", metavar="FILE", help="profile the coordinator during window b1 "
                                                     "(.svg flamegraph, .json speedscope, else collapsed text)")
-    p.add_argument("--coord-log-level", default="INFO")
+    p.add_argument("--tick", type=float, default=0.005, help="simulator loop period in s (default 0.005; "
+                                                              "0 = wake up per message)")
+    p.add_argument("--pin", action="store_true", help="coordinator on the first CPU alone, simulator on the rest")
+    p.add_argument("--coord-log-level", default="INFO", help="coordinator --log-level (default INFO)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="extra coordinator --set")
     p.add_argument("--keep", action="store_true", help="keep the temp dir with coordinator.log")
     a = p.parse_args(argv)
@@ -979,6 +1072,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.nodes < 1 or a.procs < 1 or a.interval <= 0 or a.duration <= 0:
         p.error("--nodes, --procs, --interval and --duration must be positive")
     return a
+
+
+def code_state() -> dict[str, Any]:
+    """The commit under test and any uncommitted changes to the code the coordinator runs."""
+    def git(*argv: str) -> str:
+        r = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "coordinator", "protocol").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "uncommitted": dirty}
 
 
 def raise_fd_limit(nodes: int, procs: int) -> None:
@@ -1001,7 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(_sig: int, _frm: Any) -> None:
         raise KeyboardInterrupt
 
+    # explicit, because a shell starting us in the background hands us SIGINT ignored
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     cores = psutil.cpu_count() or 0
     note = MACHINE_NOTE.format(cores=cores)
     bench.say(f"heartbeat bench {time.strftime('%Y-%m-%d %H:%M:%S')}: mode {'max' if a.max else 'fleet'}, "
@@ -1030,7 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
     o = bench.out
     summary = {"mode": "max" if a.max else "fleet", "nodes": a.nodes, "interval": a.interval, "procs": a.procs,
                "window": a.window, "coord_interval": a.coord_interval, "duration": a.duration, "db": a.db,
-               "machine_cores": cores, "note": note, "ok": rc == 0}
+               "machine_cores": cores, "note": note, "ok": rc == 0, "code": code_state(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for k in ("absorbed_per_s", "offered_per_s", "coordinator_cpu_cores", "per_core_rate", "node_list_p50_ms",
               "node_list_p99_ms", "lost_detect_s", "lost_threshold_s", "node_list_p99_ratio_vs_idle",
               "cpu_fraction_of_half_core"):
@@ -1043,8 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'met' if o['cpu_fraction_of_half_core'] < 1 else 'NOT met'}"
                       + ("" if (a.nodes, a.interval) == (10_000, 2.0) else " (this run used other N/interval)"))
         bench.say(f"heartbeats/s sustained on one core (absorbed ÷ coordinator cores): {o['per_core_rate']:.0f}"
-                  + (f" → target ≥ 20,000: {'met' if o['per_core_rate'] >= 20_000 else 'NOT met'}" if a.max else
-                     " (not saturated: see --max)"))
+                  + (f" → target ≥ 20,000: {'met' if o['per_core_rate'] >= 20_000 else 'NOT met'}" if o.get("saturated")
+                     else " (coordinator not saturated, so this is not its capacity: use --max, or more "
+                          "nodes / a shorter interval)"))
     print(json.dumps(summary, sort_keys=True), flush=True)
     return rc
 

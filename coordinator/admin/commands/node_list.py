@@ -26,10 +26,11 @@ class NodeList(Command):
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
         from ..views import node_summary
-        now = ctx.nodes.clock()
+        judge = ctx.nodes.judge()
+        now = judge.now
         out = []
         for node_id in sorted(ctx.nodes.nodes):
-            s = node_summary(ctx, ctx.nodes.nodes[node_id], now)
+            s = node_summary(ctx, ctx.nodes.nodes[node_id], now, judge)
             if args["health"] and s["health"] != args["health"]:
                 continue
             if args["admin"] and s["admin_state"] != args["admin"]:
