@@ -19,12 +19,15 @@ from .envelope import PROTOCOL
 from .message import Message, opt, req
 from .schema import Any_, Bool, Enum, Int, List, Map, Scalar, Str, Struct
 
+_U64 = 2**63  # U64 below accepts 0 .. 2**63 - 1
 MAX_MS = 2**53  # unix ms and durations stay well inside this
 HEX64 = Str(64, ids.HEX64, 64, "sha256 hex digest")
-OPT_DIGEST = Str(64, re.compile(r"([0-9a-f]{64})?\Z"), 0, "sha256 hex digest")
+_OPT_DIGEST_RE = re.compile(r"([0-9a-f]{64})?\Z")
+_SESSION_RE = re.compile(r"[0-9a-f]{8,64}\Z")
+OPT_DIGEST = Str(64, _OPT_DIGEST_RE, 0, "sha256 hex digest")
 MSG_ID = Str(64, ids.MSG_ID, 1, "msg_id")
 NODE_ID = Str(63, ids.NODE_ID, 1, "node id")
-SESSION_ID = Str(64, re.compile(r"[0-9a-f]{8,64}\Z"), 8, "session id")
+SESSION_ID = Str(64, _SESSION_RE, 8, "session id")
 ENDPOINT = Str(256, re.compile(r"(tcp|ipc|inproc)://[!-~]+\Z"), 1, "endpoint")
 U64 = Int(0, 2**63 - 1)
 MS = Int(0, MAX_MS)
@@ -32,6 +35,11 @@ LABELS = Map(Str(256), Str(63, re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})\Z
 VERSIONS = Map(Str(256), Str(64, re.compile(r"[a-z_]{1,64}\Z"), 1, "version name"), 32)
 FACTS = Map(Scalar(1024), Str(64, re.compile(r"[a-z_]{1,64}\Z"), 1, "fact name"), 64)
 CAPABILITIES = Map(Bool(), Str(32, re.compile(r"[a-z_]{1,32}\Z"), 1, "capability"), 16)
+# Heartbeat's inline path uses the very pattern objects of the validators above.
+_MSG_ID_OK = ids.MSG_ID.match
+_SESSION_OK = _SESSION_RE.match
+_HEX64_OK = ids.HEX64.match
+_OPT_DIGEST_OK = _OPT_DIGEST_RE.match
 CATALOG_ID = Struct({"epoch": Str(64, re.compile(r"[0-9a-f]{0,64}\Z"), 0, "epoch"),
                      "seq": U64, "digest": OPT_DIGEST})
 STORAGE = Struct({"total": U64, "used": U64, "free": U64})
@@ -87,6 +95,32 @@ class Heartbeat(Message):
     storage: dict[str, int] = req(STORAGE)
     mem_free: int = req(U64)
     sandboxes: int = req(Int(0, 1_000_000))
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "Heartbeat":
+        """The hot path: the common, well-formed heartbeat is checked inline with the very same
+        rules as the schema; anything it does not accept goes through the generic validator,
+        which then names the exact field (so both paths accept and refuse the same bodies)."""
+        g = body.get
+        mid, sid, seq, cseq, cdig, vdig, rdig, st, mem, sbx = (
+            g("msg_id"), g("session_id"), g("seq"), g("catalog_seq"), g("catalog_digest"),
+            g("versions_digest"), g("refs_digest"), g("storage"), g("mem_free"), g("sandboxes"))
+        if (type(mid) is str and _MSG_ID_OK(mid) and type(sid) is str and _SESSION_OK(sid)
+                and type(seq) is int and 0 <= seq < _U64 and type(cseq) is int and 0 <= cseq < _U64
+                and type(cdig) is str and _OPT_DIGEST_OK(cdig) and type(vdig) is str and _HEX64_OK(vdig)
+                and type(rdig) is str and _OPT_DIGEST_OK(rdig) and type(mem) is int and 0 <= mem < _U64
+                and type(sbx) is int and 0 <= sbx <= 1_000_000 and type(st) is dict):
+            total, used, free = st.get("total"), st.get("used"), st.get("free")
+            if (type(total) is int and type(used) is int and type(free) is int
+                    and 0 <= total < _U64 and 0 <= used < _U64 and 0 <= free < _U64):
+                obj = object.__new__(cls)
+                for name, val in (("msg_id", mid), ("session_id", sid), ("seq", seq), ("catalog_seq", cseq),
+                                  ("catalog_digest", cdig), ("versions_digest", vdig), ("refs_digest", rdig),
+                                  ("storage", {"total": total, "used": used, "free": free}),
+                                  ("mem_free", mem), ("sandboxes", sbx)):
+                    object.__setattr__(obj, name, val)
+                return obj
+        return super(Heartbeat, cls).from_body(body)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,3 +268,36 @@ def test_pack_deep_matches_msgpack() -> None:
         assert _pack_deep(seed.to_body()) == msgpack.packb(seed.to_body(), use_bin_type=True)
     shallow = {"a": _deep_list(50), "b": _deep_map(50)}
     assert _pack_deep(shallow) == msgpack.packb(shallow, use_bin_type=True)
+
+
+# --- the heartbeat inline path agrees with the generic validator (WIRE-3, WIRE-5) ---------
+
+from hypothesis import given as _given, settings as _settings, strategies as _st  # noqa: E402
+
+from protocol.message import Message as _Message  # noqa: E402
+from protocol.messages import Heartbeat as _Heartbeat  # noqa: E402
+
+_GOOD_HB = {"msg_id": "abc-1", "session_id": "a" * 32, "seq": 1, "catalog_seq": 0, "catalog_digest": "",
+            "versions_digest": "0" * 64, "refs_digest": "", "storage": {"total": 10, "used": 5, "free": 5},
+            "mem_free": 7, "sandboxes": 0}
+_ODD_VALUES = _st.one_of(_st.none(), _st.booleans(), _st.integers(-2**64, 2**64), _st.floats(allow_nan=True),
+                         _st.text(max_size=70), _st.sampled_from(["", "0" * 64, "A" * 64, "a" * 8, "x" * 65]),
+                         _st.dictionaries(_st.sampled_from(["total", "used", "free", "x"]),
+                                          _st.integers(-5, 2**64), max_size=4),
+                         _st.lists(_st.integers(), max_size=3))
+
+
+def _outcome(fn, body):  # noqa: ANN001
+    try:
+        return ("ok", fn(body).to_body())
+    except Exception as exc:  # noqa: BLE001
+        return ("err", type(exc).__name__)
+
+
+@_settings(max_examples=400, deadline=None)
+@_given(_st.dictionaries(_st.sampled_from(sorted(_GOOD_HB)), _ODD_VALUES, max_size=4))
+def test_heartbeat_inline_path_matches_generic_validation(changes) -> None:
+    """Heartbeat.from_body's inline checks accept exactly what the generic schema accepts."""
+    body = {**_GOOD_HB, **changes}
+    generic = _outcome(lambda b: _Message.from_body.__func__(_Heartbeat, b), body)
+    assert _outcome(_Heartbeat.from_body, body) == generic
