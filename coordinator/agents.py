@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 class AgentEndpoint(RouterEndpoint):
     name = "agent endpoint"
+    # 2 ms of added latency at most; at 5,000 heartbeats/s it turns ~10 wake-ups into one.
+    coalesce_s = 0.002
 
     def __init__(self, sock: zmq.asyncio.Socket, registry: NodeRegistry, limits: codec.Limits,
                  peers: PeerTable) -> None:

@@ -52,6 +52,7 @@ class RouterEndpoint:
     name = "endpoint"
     batch = 2000
     slice_s = 0.005  # longest stretch one drain holds the loop, so admin requests are not starved
+    coalesce_s = 0.0  # > 0: after a busy drain, wait this long before the next (batches wake-ups)
 
     def __init__(self, sock: zmq.asyncio.Socket, limits: codec.Limits, peers: PeerTable) -> None:
         self.sock = sock
@@ -63,6 +64,8 @@ class RouterEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_drain = False
         self._drain_scheduled = False
+        self._fd = -1
+        self._watching = True
 
     async def run(self) -> None:
         """Serve until cancelled. The socket's descriptor drives ``_drain`` directly, with no
@@ -70,13 +73,15 @@ class RouterEndpoint:
         EAGAIN, and a send made outside a drain schedules one (a send can swallow the edge)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        fd = self.raw.getsockopt(zmq.FD)
-        loop.add_reader(fd, self._drain)
+        self._fd = self.raw.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._drain)
         loop.call_soon(self._drain)  # messages that arrived before we watched the descriptor
         try:
             await loop.create_future()  # runs until cancelled
         finally:
-            loop.remove_reader(fd)
+            if self._watching:
+                loop.remove_reader(self._fd)
+            self._watching = False
 
     def _drain(self) -> None:
         self._drain_scheduled = False
@@ -87,6 +92,13 @@ class RouterEndpoint:
                 try:
                     frames = recv_frames(self.raw)
                 except zmq.Again:
+                    if i and self.coalesce_s and self._watching and self._loop is not None:
+                        # Under load messages trickle in one by one, and a wake-up per message
+                        # costs more than the message: stop watching for a moment, then read
+                        # everything that arrived meanwhile in one go.
+                        self._loop.remove_reader(self._fd)
+                        self._watching = False
+                        self._loop.call_later(self.coalesce_s, self._resume)
                     return
                 except zmq.ZMQError as exc:  # socket closing at shutdown
                     log.debug("%s: receive failed: %s", self.name, exc)
@@ -102,6 +114,12 @@ class RouterEndpoint:
             self._schedule_drain()
         finally:
             self._in_drain = False
+
+    def _resume(self) -> None:
+        if not self._watching and self._loop is not None:
+            self._loop.add_reader(self._fd, self._drain)
+            self._watching = True
+        self._drain()
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and self._loop is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -63,3 +63,26 @@ class NodeCatalogEntry(Base):
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)
     entry_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class NodeKey(Base):
+    """An agent's CURVE public key and its acceptance state (SEC-3, SEC-4).
+
+    ``node_id`` is the id the key claims in its HELLO; accepting binds the two for good
+    (NODE-1): one accepted key per node id, enforced by a partial unique index.
+    """
+    __tablename__ = "node_keys"
+
+    public_key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(32))
+    node_id: Mapped[str] = mapped_column(String(63), default="")
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | accepted | rejected
+    first_seen_ms: Mapped[int] = mapped_column(default=0)
+    last_seen_ms: Mapped[int] = mapped_column(default=0)
+    decided_ms: Mapped[int | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        Index("uq_node_keys_accepted_node", "node_id", unique=True,
+              sqlite_where=text("state = 'accepted'"), postgresql_where=text("state = 'accepted'")),
+        Index("ix_node_keys_state", "state", "first_seen_ms"),
+    )
