@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec
+from protocol.keys import KeyPair
 from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
 from protocol.errors import TCError, UnsupportedMessage, error_class
@@ -41,11 +42,15 @@ def advertised(bound: str, address: str) -> str:
 class BlobServer:
     """Owns the blob ROUTER; ``bind()`` before READY, then run ``serve()`` as a task."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig, pair: "KeyPair | None" = None) -> None:
         self._cfg = cfg
         self._limits = cfg.codec.limits()
         self._sock = ctx.socket(zmq.ROUTER)
         configure_socket(self._sock, hwm=cfg.zmq.hwm, linger=cfg.zmq.linger, max_frame=cfg.codec.max_frame)
+        if pair is not None:  # SEC-1: encrypted with this node's key; grants decide access (issue 5)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode())
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
+            self._sock.setsockopt(zmq.CURVE_SERVER, 1)
         self.endpoint = ""
         # reason -> count; per-peer counters and SEC-8 cool-down come with the transfer issue.
         self.counters: collections.Counter[str] = collections.Counter()

@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from protocol import ids
 from protocol.config import ConfigError
+from protocol import keys as curve_keys
 from protocol.daemon import (check_plain_tcp, install_signal_handlers, sd_notify, setup_logging,
                              watchdog_interval, watchdog_loop)
 from protocol.messages import ENDPOINT, LABELS, VERSIONS
@@ -65,6 +66,18 @@ def check_config(cfg: AgentConfig) -> None:
         except SchemaError as exc:
             raise ConfigError(f"invalid value for {exc.field}: {exc.reason}") from None
     check_plain_tcp([*cfg.agent.coordinators, cfg.agent.blob_endpoint], cfg.security.curve)
+    if cfg.security.curve:
+        pins = cfg.agent.coordinator_keys
+        if not pins:
+            raise ConfigError("agent.coordinator_keys: with security.curve = true the agent must pin the "
+                              "coordinator's public key (SEC-2); it is in the coordinator's "
+                              "<state_dir>/keys/coordinator.key and its start-up log")
+        bad = [k for k in pins if not curve_keys.valid_public(k)]
+        if bad:
+            raise ConfigError(f"agent.coordinator_keys: {bad[0][:12]}… is not a 40-character z85 public key")
+        if len(pins) not in (1, len(cfg.agent.coordinators)):
+            raise ConfigError("agent.coordinator_keys: give one key for all coordinators, or one per "
+                              "agent.coordinators entry, in the same order")
 
 
 def prepare_state_dir(path: str) -> None:
@@ -103,7 +116,12 @@ class Agent:
             address = await asyncio.to_thread(host.node_address, cfg)
             versions = await asyncio.to_thread(self.versions.refresh)
             log.info("capabilities %s; versions %s; address %s", caps, versions, address)
-            blobs = BlobServer(ctx, cfg)
+            pair = None
+            if cfg.security.curve:
+                pair = curve_keys.load_or_create(os.path.join(cfg.agent.state_dir, "keys"), "agent")
+                log.info("CURVE on: this node's key %s (public %s)", curve_keys.fingerprint(pair.public),
+                         pair.public)
+            blobs = BlobServer(ctx, cfg, pair)
             try:
                 bound = blobs.bind()
             except zmq.ZMQError as exc:
@@ -114,7 +132,7 @@ class Agent:
             info = HelloInfo(node_id=cfg.node_id, blob_endpoint=blob_endpoint, labels=dict(cfg.agent.labels),
                              capabilities=caps, reconcile=reconcile, boot_ms=started_ms,
                              facts=lambda: host.collect_facts(cfg))
-            session = Session(cfg, ctx, catalog, self.versions, info)
+            session = Session(cfg, ctx, catalog, self.versions, info, pair=pair)
             return await self._supervise(session, blobs)
         finally:
             if blobs is not None:

@@ -25,7 +25,10 @@ from typing import Any, Callable, Literal
 import zmq
 import zmq.asyncio
 
+from zmq.utils.monitor import recv_monitor_message
+
 from protocol import canonical
+from protocol.keys import KeyPair, fingerprint
 from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
 from protocol.errors import TCError, UnsupportedMessage
@@ -39,6 +42,12 @@ from .catalog import Catalog
 from .config import AgentConfig
 
 log = logging.getLogger("session")
+_HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_EVENT_NAMES = {int(getattr(zmq, f"EVENT_{n}")): n for n in (
+    "CONNECTED", "DISCONNECTED", "HANDSHAKE_SUCCEEDED", "HANDSHAKE_FAILED_AUTH", "HANDSHAKE_FAILED_PROTOCOL",
+    "HANDSHAKE_FAILED_NO_DETAIL")}
 
 MAX_PAGE = 1000  # CatalogSnapshot.entries accepts at most this many (CAT-5)
 
@@ -102,7 +111,8 @@ class Session:
     """Runs until cancelled; cancellation closes the socket with the configured linger."""
 
     def __init__(self, cfg: AgentConfig, ctx: zmq.asyncio.Context, catalog: Catalog,
-                 versions: host.VersionsCache, info: HelloInfo, backoff: Backoff | None = None) -> None:
+                 versions: host.VersionsCache, info: HelloInfo, backoff: Backoff | None = None,
+                 pair: KeyPair | None = None) -> None:
         self._cfg = cfg
         self._ctx = ctx
         self._catalog = catalog
@@ -115,6 +125,8 @@ class Session:
         self._page_size = max(1, min(cfg.catalog.page_size, MAX_PAGE))
         self.counters: collections.Counter[str] = collections.Counter()
         self.session_id: str | None = None
+        self._pair = pair  # CURVE (SEC-2): this node's key pair; None with security.curve = false
+        self._monitor: zmq.Socket | None = None
 
     # --- level 1: endpoints and backoff ---------------------------------------------
 
@@ -131,6 +143,10 @@ class Session:
                 raise
             finally:
                 self.session_id = None
+                if self._monitor is not None:
+                    sock.disable_monitor()
+                    self._monitor.close(linger=0)
+                    self._monitor = None
                 sock.close(linger=linger)
             index = self._next_index(index, leave)
             delay = self._backoff.next_delay()
@@ -143,8 +159,43 @@ class Session:
         sock.setsockopt(zmq.IDENTITY, self._info.node_id.encode())
         configure_socket(sock, hwm=self._cfg.zmq.hwm, linger=self._cfg.zmq.linger,
                          max_frame=self._cfg.codec.max_frame, immediate=True)
+        if self._pair is not None:
+            pins = self._cfg.agent.coordinator_keys
+            server_key = pins[self._endpoints.index(endpoint)] if len(pins) > 1 else pins[0]
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._pair.secret.encode())
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self._pair.public.encode())
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+            # A failed CURVE handshake raises nothing anywhere (TOOLS.md §4): the monitor is the only
+            # way to tell "wrong key" from "coordinator down" in the log.
+            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         sock.connect(endpoint)
         return sock
+
+    def _handshake_trouble(self, endpoint: str) -> str | None:
+        """After a failed attempt: why, as far as the CURVE handshake events tell."""
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return None
+        seen: collections.Counter[str] = collections.Counter()
+        raw = zmq.Socket.shadow(mon.underlying)  # a plain socket: read what is queued, no waiting
+        try:
+            while True:
+                try:
+                    ev = recv_monitor_message(raw, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                seen[_EVENT_NAMES.get(ev["event"], str(ev["event"]))] += 1
+        finally:
+            mon.close(linger=0)
+        if seen["HANDSHAKE_SUCCEEDED"]:
+            return None
+        if seen["HANDSHAKE_FAILED_AUTH"]:
+            return "the coordinator refused this node's key (rejected with `tcctl node reject`?)"
+        if seen["HANDSHAKE_FAILED_PROTOCOL"] or seen["HANDSHAKE_FAILED_NO_DETAIL"] or (
+                seen["CONNECTED"] and seen["DISCONNECTED"]):
+            return (f"the CURVE handshake with {endpoint} failed: agent.coordinator_keys does not match "
+                    "the coordinator's public key (see its <state_dir>/keys/coordinator.key)")
+        return None
 
     def _next_index(self, index: int, leave: Leave) -> int:
         if leave.goto == "same":
@@ -179,6 +230,11 @@ class Session:
         # With IMMEDIATE the socket turns writable only once a connection is up, so an
         # endpoint that is down and one that is silent both end at the same deadline (WIRE-7).
         if not await _poll(sock, deadline - loop.time(), zmq.POLLOUT) or not await self._send(sock, hello):
+            trouble = self._handshake_trouble(endpoint)
+            if trouble:
+                self.counters["handshake_failed"] += 1
+                log.error("%s; this node's key is %s", trouble, fingerprint(self._pair.public) if self._pair else "-")
+                return Leave("CURVE handshake failed")
             return Leave(f"no connection within {self._cfg.agent.hello_timeout:g}s")
         self.counters["hello"] += 1
         log.info("HELLO sent to %s (catalog seq %d)", endpoint, hello.catalog["seq"])
@@ -209,8 +265,9 @@ class Session:
             log.info("%s is not the leader (hint %r)", endpoint, leader)
             return Leave("not leader", known)
         if err.name == "NodeKeyPending":
-            # SEC-3: the key fingerprint is logged here once keys exist (CURVE issue).
-            log.warning("%s: this node's key awaits `tcctl node accept %s`", endpoint, self._info.node_id)
+            fp = fingerprint(self._pair.public) if self._pair else "-"
+            log.warning("%s: this node's key %s awaits `tcctl node accept %s` (or accept %s)", endpoint, fp,
+                        self._info.node_id, fp)
             return Leave("key pending", "same")
         if err.name == "Unauthorized":
             log.error("%s refused this node: %s", endpoint, err.message)

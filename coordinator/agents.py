@@ -10,11 +10,12 @@ import logging
 import zmq.asyncio
 
 from protocol import codec
-from protocol.errors import MalformedMessage, UnsupportedMessage
+from protocol.errors import MalformedMessage, Unauthorized, UnsupportedMessage
 from protocol.message import Message
 from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Heartbeat, HeartbeatAck, Hello, RuntimeRefs,
                                TaskAccepted, TaskProgress, TaskResult, Versions)
 
+from .keys import KeyRegistry
 from .mirror import CatalogMirrors
 from .nodes import NodeRegistry
 from .peers import PeerTable
@@ -29,13 +30,25 @@ class AgentEndpoint(RouterEndpoint):
     coalesce_s = 0.002
 
     def __init__(self, sock: zmq.asyncio.Socket, registry: NodeRegistry, limits: codec.Limits,
-                 peers: PeerTable) -> None:
+                 peers: PeerTable, keys: KeyRegistry | None = None) -> None:
         super().__init__(sock, limits, peers)
         self.reg = registry
         self.mirrors = CatalogMirrors(registry)
+        self.keys = keys  # None without CURVE (loopback tests): identities are trusted as given
 
-    def on_message(self, ident: bytes, msg: Message) -> None:
+    async def _hello(self, msg: Hello, key: str | None) -> Message:
+        if self.keys is not None:
+            if key is None:
+                raise Unauthorized("no CURVE key on this connection", {})
+            await self.keys.on_hello(key, msg.node_id)  # NodeKeyPending / Unauthorized (SEC-3, NODE-1)
+        return await self.reg.hello(msg)
+
+    def on_message(self, ident: bytes, msg: Message, key: str | None) -> None:
         node_id = ident.decode("ascii", "replace")
+        if self.keys is not None and not isinstance(msg, Hello) and self.keys.accepted_node(key) != node_id:
+            # SEC-3: a pending key's (or a key speaking for another node's) messages are dropped.
+            self.count_bad(ident, dropped=True, reason="message from a key not accepted for this node")
+            return
         if isinstance(msg, Heartbeat):
             ack = self.reg.heartbeat(node_id, msg)
             if ack is None:
@@ -46,7 +59,7 @@ class AgentEndpoint(RouterEndpoint):
             if msg.node_id != node_id:
                 raise MalformedMessage("HELLO node_id must equal the DEALER identity",
                                        {"field": "node_id", "reason": "identity_mismatch"})
-            self.spawn(ident, msg.msg_id, self.reg.hello(msg))
+            self.spawn(ident, msg.msg_id, self._hello(msg, key))
         elif isinstance(msg, Versions):
             self.spawn(ident, msg.msg_id, self.reg.versions(node_id, msg))
         elif isinstance(msg, CatalogSnapshot):

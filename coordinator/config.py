@@ -18,6 +18,8 @@ class CoordinatorSection:
     events_endpoint: str = "ipc:///run/templatecenter/events.sock"
     # Group that may use the admin ipc socket (SEC-5); empty keeps the process's group.
     admin_group: str = "tc"
+    # Public keys ``NODE.key`` accepted at start, for provisioning (SEC-4); empty: none.
+    accepted_keys_dir: str = ""
 
 
 @section
@@ -157,6 +159,8 @@ class TemplateConfig:
 
 @section
 class AdminConfig:
+    # z85 public keys of tcctl clients allowed on a TCP admin or event endpoint (SEC-2).
+    allowed_keys: list[str] = dataclasses.field(default_factory=list)
     reply_timeout: Duration = Duration(30.0)
     progress_every: Duration = Duration(5.0)
     wait_timeout: Duration = Duration(1800.0)

@@ -41,6 +41,20 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
     return parts
 
 
+def recv_frames_with_key(sock: zmq.Socket) -> tuple[list[bytes], str | None]:
+    """Like ``recv_frames``, plus the CURVE public key the peer proved (the ``User-Id`` the
+    ZAP handler set) — who sent a message is decided by its key, never by what it says."""
+    first = _recv(sock, _NB, False)
+    parts = [first.bytes]
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NB))
+    try:
+        key = first.get("User-Id")
+    except zmq.ZMQError:
+        key = None
+    return parts, key
+
+
 def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     """One multipart message without blocking (zmq.Again on HWM)."""
     last = len(frames) - 1
@@ -56,6 +70,7 @@ class RouterEndpoint:
 
     def __init__(self, sock: zmq.asyncio.Socket, limits: codec.Limits, peers: PeerTable) -> None:
         self.sock = sock
+        self.curve = bool(sock.getsockopt(zmq.CURVE_SERVER))
         self.raw = zmq.Socket.shadow(sock.underlying)
         self.limits = limits
         self.peers = peers
@@ -90,7 +105,10 @@ class RouterEndpoint:
         try:
             for i in range(self.batch):
                 try:
-                    frames = recv_frames(self.raw)
+                    if self.curve:
+                        frames, key = recv_frames_with_key(self.raw)
+                    else:
+                        frames, key = recv_frames(self.raw), None
                 except zmq.Again:
                     if i and self.coalesce_s and self._watching and self._loop is not None:
                         # Under load messages trickle in one by one, and a wake-up per message
@@ -105,7 +123,7 @@ class RouterEndpoint:
                     return
                 self.received += 1
                 try:
-                    self.handle(frames)
+                    self.handle(frames, key)
                 except Exception:  # noqa: BLE001 — last line of defence: log and keep serving
                     log.exception("%s: unexpected fault (ref %s)", self.name, uuid.uuid4().hex[:12])
                 if i & 63 == 63 and time.monotonic() > deadline:
@@ -126,7 +144,8 @@ class RouterEndpoint:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
-    def handle(self, frames: list[bytes]) -> None:
+    def handle(self, frames: list[bytes], key: str | None = None) -> None:
+        """One message; ``key`` is the peer's CURVE public key (None without CURVE)."""
         ident = frames[0] if frames else b""
         if self.peers.ignored(ident):
             return
@@ -146,13 +165,13 @@ class RouterEndpoint:
             self.reply(ident, Error.of(exc, body_msg_id(env)))
             return
         try:
-            self.on_message(ident, msg)
+            self.on_message(ident, msg, key)
         except TCError as exc:
             if exc.family == "protocol":
                 self.count_bad(ident, dropped=False, reason=exc.message)
             self.reply(ident, Error.of(exc, getattr(msg, "msg_id", None)))
 
-    def on_message(self, ident: bytes, msg: Message) -> None:
+    def on_message(self, ident: bytes, msg: Message, key: str | None) -> None:
         raise NotImplementedError
 
     def spawn(self, ident: bytes, msg_id: str | None, coro: Awaitable[Any]) -> None:

@@ -22,9 +22,11 @@ from .config import CoordinatorConfig
 from .db.engine import ensure_schema, make_engine
 from .events import EventBus
 from .health import Thresholds
+from .keys import KeyRegistry
 from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
 from .peers import PeerTable
+from .security import CurveServer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,16 @@ class Coordinator:
         rev = await asyncio.to_thread(ensure_schema, self.engine, migrate_now=self.migrate)
         log.info("database %s at schema %s", self.engine.url.render_as_string(hide_password=True), rev)
 
+        self.keys: KeyRegistry | None = None
+        self.curve: CurveServer | None = None
+        if cfg.security.curve:
+            self.keys = KeyRegistry(self.engine, cfg.security.max_pending_keys)
+            await asyncio.to_thread(self.keys.load)
+            await asyncio.to_thread(self.keys.seed, cfg.coordinator.accepted_keys_dir)
+            self.curve = CurveServer(self.zctx, cfg, self.keys)
+
         ev_sock = self._socket(zmq.PUB)
+        self._protect(ev_sock, cfg.coordinator.events_endpoint, "admin")
         gid_ev = prepare_ipc_dir(cfg.coordinator.events_endpoint, cfg.coordinator.admin_group)
         ev_sock.bind(cfg.coordinator.events_endpoint)
         secure_ipc_socket(cfg.coordinator.events_endpoint, gid_ev)
@@ -72,16 +83,23 @@ class Coordinator:
         admin_peers = PeerTable(cfg.security.max_bad_msgs, cfg.security.bad_peer_cooldown)
 
         agent_sock = self._socket(zmq.ROUTER)
-        agent_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent takes over its identity at once
+        # No ROUTER_HANDOVER: with it any peer claiming a node id would steal that node's route
+        # (a rejected key could knock a node off the air). A reconnecting agent closed its old
+        # socket, so its old pipe is gone; ZMTP heartbeats reap pipes whose peer vanished silently.
+        agent_sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        agent_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+        if self.curve:
+            self.curve.serve(agent_sock, "agents")
         agent_sock.bind(cfg.coordinator.agent_endpoint)
-        self.agents = AgentEndpoint(agent_sock, self.registry, cfg.codec.limits(), self.peers)
+        self.agents = AgentEndpoint(agent_sock, self.registry, cfg.codec.limits(), self.peers, self.keys)
 
         admin_sock = self._socket(zmq.ROUTER)
+        self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
         gid = prepare_ipc_dir(cfg.coordinator.admin_endpoint, cfg.coordinator.admin_group)
         admin_sock.bind(cfg.coordinator.admin_endpoint)
         secure_ipc_socket(cfg.coordinator.admin_endpoint, gid)
         ctx = AdminContext(config=cfg, engine=self.engine, nodes=self.registry, events=self.events,
-                           peers=self.peers)
+                           peers=self.peers, keys=self.keys)
         self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
 
         self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -96,11 +114,18 @@ class Coordinator:
                  cfg.heartbeat.failover_grace)
         daemon.sd_notify(f"READY=1\nSTATUS=serving {len(self.registry.nodes)} nodes")
 
+    def _protect(self, sock: zmq.Socket, endpoint: str, domain: str) -> None:
+        """CURVE on TCP admin and event endpoints; ipc ones are guarded by file permissions."""
+        if self.curve and endpoint.startswith("tcp://"):
+            self.curve.serve(sock, domain)
+
     async def stop(self) -> None:
         daemon.sd_notify("STOPPING=1")
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.curve:
+            self.curve.stop()
         try:
             await self.registry.flush()
         except Exception:  # noqa: BLE001

@@ -27,9 +27,9 @@ __all__ = [
 
 log = logging.getLogger("daemon")
 
-# CURVE (SEC-1, SEC-2) arrives with a later issue. Until then a daemon asked for it refuses to
-# start instead of silently serving plain TCP.
-CURVE_AVAILABLE = False
+# Both daemons speak CURVE (SEC-1, SEC-2); the flag stays so a build without it refuses to
+# start rather than silently serving plain TCP.
+CURVE_AVAILABLE = bool(zmq.has("curve"))
 
 
 # --- systemd notify (SEC-9, GC-13, GC-14) ---------------------------------------------
@@ -179,12 +179,12 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 def check_plain_tcp(endpoints: Iterable[str], curve: bool) -> None:
     """Refuse a configuration SEC-1 does not allow; raise ConfigError naming the culprit.
 
-    ``curve`` is ``security.curve``. This version has no CURVE, so ``curve=True`` is refused
-    outright; with ``curve=False`` every tcp:// endpoint must be loopback. ipc:// and
+    ``curve`` is ``security.curve``. ``curve=True`` needs a libzmq built with CURVE; with
+    ``curve=False`` every tcp:// endpoint must be loopback. ipc:// and
     inproc:// are always fine (file permissions protect them, SEC-5).
     """
     if curve and not CURVE_AVAILABLE:
-        raise ConfigError("security.curve = true: CURVE is not available in this version; "
+        raise ConfigError("security.curve = true: this libzmq has no CURVE support; "
                           "set security.curve=false and bind loopback only")
     for ep in endpoints:
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):

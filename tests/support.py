@@ -100,6 +100,7 @@ class Cluster:
     lease_ttl_min: str = "1500ms"
     grace: str = "30s"
     coord_extra: list[str] = field(default_factory=list)
+    curve: bool = False  # SEC-1: CURVE on the agent endpoint, agents pin the coordinator key
     agent_port: int = field(default_factory=free_port)
     coordinator: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
@@ -118,7 +119,7 @@ class Cluster:
 
     def coordinator_argv(self, migrate: bool = True) -> list[str]:
         sets = {
-            "security.curve": "false",
+            "security.curve": str(self.curve).lower(),
             "db.url": self.db_url,
             "coordinator.state_dir": f"{self.root}/coord",
             "coordinator.agent_endpoint": f"tcp://127.0.0.1:{self.agent_port}",
@@ -145,7 +146,7 @@ class Cluster:
 
     def agent_argv(self, node_id: str, extra: list[str] | None = None) -> list[str]:
         sets = {
-            "security.curve": "false",
+            "security.curve": str(self.curve).lower(),
             "agent.node_id": node_id,
             "agent.state_dir": f"{self.root}/agents/{node_id}",
             "agent.coordinators": f"tcp://127.0.0.1:{self.agent_port}",
@@ -155,6 +156,8 @@ class Cluster:
             "agent.backoff_max": "1s",
             "runtime.driver": "none",
         }
+        if self.curve:
+            sets["agent.coordinator_keys"] = self.coordinator_key()
         argv = [PY, "-m", "agent.main"]
         for k, v in sets.items():
             argv += ["--set", f"{k}={v}"]
@@ -162,10 +165,21 @@ class Cluster:
             argv += ["--set", e]
         return argv
 
-    def start_agent(self, node_id: str, extra: list[str] | None = None) -> Proc:
-        p = Proc(node_id, self.agent_argv(node_id, extra), self.root / f"agent-{node_id}.log", self.env()).start()
-        self.agents[node_id] = p
+    def start_agent(self, node_id: str, extra: list[str] | None = None, name: str | None = None) -> Proc:
+        """Start an agent; ``name`` (default the node id) names its log and its slot in ``agents``."""
+        name = name or node_id
+        p = Proc(name, self.agent_argv(node_id, extra), self.root / f"agent-{name}.log", self.env()).start()
+        self.agents[name] = p
         return p
+
+    def coordinator_key(self) -> str:
+        """The coordinator's public key, made at its first start (SEC-2)."""
+        from protocol.keys import load_public
+        return load_public(self.root / "coord" / "keys" / "coordinator.key")
+
+    def agent_key(self, node_id: str) -> str:
+        from protocol.keys import load_public
+        return load_public(self.root / "agents" / node_id / "keys" / "agent.key")
 
     def tcctl(self, *args: str, timeout: float = 10) -> tuple[int, Any]:
         """Run tcctl with --json; returns (exit code, parsed document or raw text)."""

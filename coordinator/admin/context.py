@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
     from ..config import CoordinatorConfig
     from ..events import EventBus
+    from ..keys import KeyRegistry
     from ..nodes import NodeRegistry
     from ..peers import PeerTable
 
@@ -20,5 +21,6 @@ class AdminContext:
     nodes: "NodeRegistry"
     events: "EventBus"
     peers: "PeerTable"
+    keys: "KeyRegistry | None" = None  # None when security.curve is off
     # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
     progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

@@ -72,7 +72,7 @@ class AdminEndpoint(RouterEndpoint):
         self.ctx = ctx
         self.progress_every = progress_every
 
-    def on_message(self, ident: bytes, msg: Message) -> None:
+    def on_message(self, ident: bytes, msg: Message, key: str | None) -> None:
         if not isinstance(msg, Admin):
             raise UnsupportedMessage(f"{msg.TYPE} is not accepted on the admin endpoint",
                                      {"field": "type", "type": msg.TYPE})
