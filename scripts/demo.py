@@ -93,10 +93,24 @@ def main() -> int:
         stop_pids()  # a previous demo left running
     RUN.mkdir(parents=True, exist_ok=True)
     agent_port = port(7710)
-    common = {"security.curve": "false", "zmq.linger": "200ms"}
+    common = {"security.curve": "true", "zmq.linger": "200ms"}
+    # CURVE (SEC-1..SEC-4): the coordinator's key pair and each agent's are made here, the way a
+    # provisioning system would, and the agents' public keys go into the pre-accepted directory,
+    # so the demo accepts its own three agents and nothing else.
+    sys.path.insert(0, str(ROOT))
+    from protocol import keys as curve
+    coord_key = curve.load_or_create(DEMO / "coord" / "keys", "coordinator").public
+    accepted = DEMO / "accepted"
+    accepted.mkdir(exist_ok=True)
+    for node in NODES:
+        curve.load_or_create(DEMO / "agents" / node / "keys", "agent")
+        (accepted / f"{node}.key").write_bytes((DEMO / "agents" / node / "keys" / "agent.key").read_bytes())
+    print(f"demo: CURVE on; coordinator key {curve.fingerprint(coord_key)}, "
+          f"{len(NODES)} agent keys pre-accepted in {accepted}", flush=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     coord = [PY, "-m", "coordinator.main", "--migrate", *sets({
-        **common, "db.url": f"sqlite:///{DEMO}/coordinator.db", "coordinator.state_dir": str(DEMO),
+        **common, "db.url": f"sqlite:///{DEMO}/coordinator.db", "coordinator.state_dir": str(DEMO / "coord"),
+        "coordinator.accepted_keys_dir": str(accepted),
         "coordinator.agent_endpoint": f"tcp://127.0.0.1:{agent_port}", "coordinator.admin_endpoint": ADMIN,
         "coordinator.events_endpoint": f"ipc://{RUN}/events.sock", "heartbeat.interval": "1s",
         "heartbeat.failover_grace": "5s"})]
@@ -109,13 +123,15 @@ def main() -> int:
             argv = [PY, "-m", "agent.main", *sets({
                 **common, "agent.node_id": node, "agent.state_dir": f"{DEMO}/agents/{node}",
                 "agent.coordinators": f"tcp://127.0.0.1:{agent_port}", "agent.blob_endpoint": "tcp://127.0.0.1:*",
-                "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none"})]
+                "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none",
+                "agent.coordinator_keys": coord_key})]
             print(f"demo: starting agent {node}", flush=True)
             procs[node] = subprocess.Popen(argv, cwd=ROOT, stdout=open(DEMO / f"agent-{node}.log", "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True)
         PIDS.write_text(json.dumps({k: p.pid for k, p in procs.items()}))
         wait(lambda: all(health().get(n) == "READY" for n in NODES), 60, "three READY nodes")
         show("node", "list")
+        show("node", "keys")
         show("node", "cordon", "demo-3", "--request-id", "demo-cordon")
         show("node", "list", "--admin", "CORDONED")
         show("node", "uncordon", "demo-3", "--request-id", "demo-uncordon")

@@ -90,3 +90,30 @@ def test_preaccepted_keys_dir(cluster: Cluster) -> None:
     wait_for(lambda: cluster.health().get("p1") == "READY", 30, "p1 READY without an accept")
     assert keys_by_node(cluster)["p1"]["state"] == "accepted"
     assert keys_by_node(cluster)["p1"]["public_key"] == pair.public
+
+
+def test_no_secret_key_in_logs_or_json(cluster: Cluster) -> None:
+    """SEC-8: secret keys never appear in logs or `--json` output (grep over the whole run)."""
+    import json
+
+    import zmq.auth
+    cluster.curve = True
+    cluster.grace = "0s"
+    cluster.start_coordinator()
+    cluster.start_agent("s1")
+    wait_for(lambda: keys_by_node(cluster).get("s1", {}).get("state") == "pending", 20, "s1 pending")
+    outputs = [json.dumps(cluster.tcctl("node", "accept", "s1")[1])]
+    wait_for(lambda: cluster.health().get("s1") == "READY", 30, "s1 READY")
+    for args in (("node", "keys"), ("node", "list"), ("node", "show", "s1")):
+        rc, doc = cluster.tcctl(*args)
+        assert rc == 0
+        outputs.append(json.dumps(doc))
+    cluster.stop()
+    secrets = []
+    for path in cluster.root.rglob("*.key_secret"):
+        _, secret = zmq.auth.load_certificate(str(path))
+        secrets.append(secret.decode())
+    assert len(secrets) == 2  # the coordinator's and s1's
+    texts = outputs + [p.read_text(errors="replace") for p in cluster.root.glob("*.log")]
+    for secret in secrets:
+        assert not any(secret in t for t in texts), "a secret key leaked into a log or --json output"
