@@ -1,8 +1,11 @@
 """``tcctl`` — subcommands generated from the coordinator's command registry (CLI-1..CLI-5).
 
 Exit codes: 0 ok, 1 coordinator error, 2 usage, 3 ``--wait`` timed out with work pending,
-4 coordinator unreachable. ``--json`` prints exactly one JSON document: the result, or
-``{"error": {code, name, message, details}}``.
+4 coordinator unreachable. ``--json`` prints exactly one JSON document on stdout in every
+case: the result, or ``{"error": {code, name, message, details}}`` — usage errors included.
+Without ``--json``, PROGRESS from a slow command is shown on stderr (``progress.py``).
+
+``tcctl completion bash`` is local: it prints a completion script and sends nothing.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from protocol import ids
 from protocol.errors import InvalidRequest, TCError, Timeout
@@ -20,6 +23,28 @@ from ..admin.command import REGISTRY, Command
 from .client import DEFAULT_ENDPOINT, AdminClient, Unreachable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WAIT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    """argparse found a usage error; main turns it into exit 2 (and JSON with --json)."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print and exit; raising lets main keep --json output one JSON document.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage())
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("templatecenter")
+    except Exception:  # noqa: BLE001 — running from a source tree without metadata
+        return "unknown"
 
 
 def _common() -> argparse.ArgumentParser:
@@ -33,8 +58,16 @@ def _common() -> argparse.ArgumentParser:
     return c
 
 
+COMPLETION_HELP = """\
+print a shell completion script; install it with:
+  source <(tcctl completion bash)
+or for every shell: tcctl completion bash > /etc/bash_completion.d/tcctl"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcctl", description="templatecenter admin CLI")
+    p = _Parser(prog="tcctl", description="templatecenter admin CLI",
+                epilog="exit codes: 0 ok, 1 coordinator error, 2 usage, 3 --wait timed out, 4 unreachable")
+    p.add_argument("--version", action="version", version=f"tcctl {_version()}")
     groups = p.add_subparsers(dest="group", metavar="GROUP", required=True)
     common = _common()
     by_group: dict[str, Any] = {}
@@ -54,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                 sp.add_argument(a.option, dest=a.name, action="store_true", help=a.help)
             else:
                 sp.add_argument(a.option, dest=a.name, help=a.help, choices=a.choices, metavar=a.metavar)
+    cp = groups.add_parser("completion", help="print a shell completion script",
+                           description=COMPLETION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shells = cp.add_subparsers(dest="verb", metavar="SHELL", required=True)
+    shells.add_parser("bash", parents=[common], help="bash completion: source <(tcctl completion bash)",
+                      description=COMPLETION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+                      ).set_defaults(command=None, local="completion bash")
     return p
 
 
@@ -61,9 +100,30 @@ def _emit_json(doc: Any) -> None:
     print(json.dumps(doc, sort_keys=True, indent=2))
 
 
+def _usage(exc_message: str, as_json: bool, details: dict[str, Any] | None = None, usage: str = "") -> int:
+    if as_json:
+        _emit_json({"error": InvalidRequest(exc_message, details or {}).to_wire()})
+    else:
+        print(f"{usage}tcctl: {exc_message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except UsageError as exc:
+        # Parsing failed, so ns is unknown: honour --json if it was anywhere on the line.
+        return _usage(str(exc), "--json" in argv, {"reason": "usage", "usage": exc.usage.strip()}, exc.usage)
+    if getattr(ns, "local", None) == "completion bash":
+        from .completion import bash_script
+        script = bash_script(REGISTRY)
+        if ns.json:
+            _emit_json({"shell": "bash", "script": script})
+        else:
+            sys.stdout.write(script)
+        return EXIT_OK
     cls: type[Command] = REGISTRY[ns.command]
     raw = {a.name: getattr(ns, a.name) for a in cls.all_args() if getattr(ns, a.name, None) is not None}
     generated_rid = None
@@ -74,16 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequest as exc:
         if ns.json:
             _emit_json({"error": exc.to_wire()})
-        else:
-            parser.exit(EXIT_USAGE, f"tcctl: {exc.message}\n")
-        return EXIT_USAGE
+            return EXIT_USAGE
+        return _usage(exc.message, False)
+    if ns.timeout <= 0:
+        return _usage("--timeout must be a positive number of seconds", ns.json,
+                      {"field": "timeout", "reason": "not positive"})
     endpoints = ns.endpoint or [e for e in os.environ.get("TC_ADMIN", "").split(",") if e] or [DEFAULT_ENDPOINT]
     if generated_rid and not ns.json:
         print(f"request id: {generated_rid}", file=sys.stderr)
     client = AdminClient(endpoints, timeout=ns.timeout)
-    progress = None if ns.json else (lambda m: print(f"… {m.message or 'working'}", file=sys.stderr))
+    from .progress import ProgressRenderer
+    renderer = None if ns.json else ProgressRenderer()
     try:
-        result = client.request(ns.command, raw, progress)
+        result = client.request(ns.command, raw, renderer)
     except Unreachable as exc:
         err = Timeout(str(exc), {"command": ns.command, "attempts": exc.attempts})
         if ns.json:
@@ -98,14 +161,24 @@ def main(argv: list[str] | None = None) -> int:
             details = f" {json.dumps(exc.details, sort_keys=True)}" if exc.details else ""
             print(f"tcctl: {exc.name}: {exc.message}{details}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if renderer is not None:
+            renderer.close()
+    timed_out = isinstance(result, dict) and result.get("timed_out") is True
     if ns.json:
-        if generated_rid and isinstance(result, dict):
-            result = {**result, "request_id": generated_rid}
+        if cls.mutating and isinstance(result, dict):
+            # CLI-2: the id used, generated or given, so a retry can reuse it.
+            result = {**result, "request_id": raw["request_id"]}
         _emit_json(result)
     else:
         from rich.console import Console
         cls().render(result, Console(highlight=False))
-    return EXIT_OK
+        if timed_out:
+            # CLI-4: say what is pending and how to follow, never just "timed out".
+            follow = result.get("follow_up") or f"tcctl {ns.command} --wait"
+            print(f"tcctl: wait timed out with work pending ({json.dumps(result.get('remaining'), sort_keys=True)}); "
+                  f"follow with: {follow}", file=sys.stderr)
+    return EXIT_WAIT if timed_out else EXIT_OK
 
 
 if __name__ == "__main__":

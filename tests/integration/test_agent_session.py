@@ -156,7 +156,7 @@ def hello_and_welcome(coord: Coordinator, interval_ms: int = 200, full: bool = F
 @pytest.mark.parametrize("setting,needle", [
     ("agent.bogus=1", "agent.bogus"),
     ("agent.hello_timeout=soon", "agent.hello_timeout"),
-    ("security.curve=true", "CURVE is not available"),
+    ("security.curve=true", "agent.coordinator_keys"),  # SEC-2: CURVE needs the pinned coordinator key
     ("agent.blob_endpoint=tcp://0.0.0.0:7713", "tcp://0.0.0.0:7713"),
 ])
 def test_config_errors_exit_2_naming_the_key(tmp_path: Path, setting: str, needle: str) -> None:

@@ -120,7 +120,8 @@ def test_other_transports_are_refused() -> None:
         check_plain_tcp(["pgm://eth0;239.192.1.1:5555"], curve=False)
 
 
-def test_curve_true_is_refused_until_curve_exists() -> None:
-    """SEC-1: CURVE is a later issue; asking for it must not silently run plain TCP."""
-    with pytest.raises(ConfigError, match="security.curve=false"):
-        check_plain_tcp(["tcp://127.0.0.1:7710"], curve=True)
+def test_curve_true_allows_any_tcp_endpoint() -> None:
+    """SEC-1: with CURVE every tcp endpoint is allowed; the refusal is for plain TCP off loopback."""
+    check_plain_tcp(["tcp://0.0.0.0:7710", "tcp://192.0.2.7:7713"], curve=True)
+    with pytest.raises(ConfigError, match="tcp://0.0.0.0:7710"):
+        check_plain_tcp(["tcp://0.0.0.0:7710"], curve=False)
