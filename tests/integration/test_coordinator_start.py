@@ -36,8 +36,8 @@ def test_plain_tcp_refused_off_loopback() -> None:
     """SEC-1: plain TCP only on a loopback bind (CURVE itself is tested in test_curve.py)."""
     r = run_coordinator("--set", "security.curve=false", "--set", "coordinator.agent_endpoint=tcp://0.0.0.0:7710")
     assert r.returncode == 2 and "tcp://0.0.0.0:7710" in r.stderr
-    r = run_coordinator("--set", "security.curve=false", "--set",
-                        "coordinator.events_endpoint=tcp://192.0.2.1:7712")
+    r = run_coordinator("--set", "security.curve=false", "--set", "coordinator.agent_endpoint=tcp://127.0.0.1:7710",
+                        "--set", "coordinator.events_endpoint=tcp://192.0.2.1:7712")
     assert r.returncode == 2 and "tcp://192.0.2.1:7712" in r.stderr
 
 
