@@ -16,6 +16,7 @@ import zmq
 
 from protocol import envelope
 from protocol.errors import TCError, from_wire
+from protocol.keys import KeyPair
 from protocol.message import decode_message
 from protocol.messages import Admin, Error, Progress, Result
 
@@ -34,6 +35,10 @@ class Unreachable(Exception):
 class AdminClient:
     endpoints: list[str]
     timeout: float = 30.0
+    # CURVE for tcp:// endpoints (SEC-1, SEC-2): this client's key pair and the coordinator's
+    # public key; ipc:// endpoints rely on file permissions and ignore them.
+    client_keys: KeyPair | None = None
+    server_key: str | None = None
 
     def request(self, command: str, args: dict[str, Any],
                 on_progress: Callable[[Progress], None] | None = None) -> Any:
@@ -69,6 +74,10 @@ class AdminClient:
         if not ep.startswith("ipc://"):
             return None
         path = Path(ep[len("ipc://"):])
+        # A directory we may not enter hides the socket from exists(): ask about access first,
+        # so a user outside the group hears "permission denied", not "not running" (SEC-5).
+        if path.parent.exists() and not os.access(path.parent, os.X_OK):
+            return f"permission denied on {path} (is this user in group tc?)"
         if not path.parent.exists() or not path.exists():
             return f"no admin socket at {path} (is the coordinator running?)"
         if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.X_OK):
@@ -81,6 +90,12 @@ class AdminClient:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        if ep.startswith("tcp://") and self.server_key:
+            if self.client_keys is None:
+                raise _Silent("a CURVE endpoint needs this client's key pair")
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.client_keys.secret.encode())
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.client_keys.public.encode())
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_key.encode())
         try:
             sock.connect(ep)
             req = Admin(msg_id=uuid.uuid4().hex, command=command, args=args)

@@ -15,7 +15,11 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from pathlib import Path
+
 from protocol import ids
+from protocol import keys as curve
+from protocol.keys import KeyPair
 from protocol.errors import InvalidRequest, TCError, Timeout
 
 from ..admin import commands as _commands  # noqa: F401 — registers every command
@@ -47,6 +51,9 @@ def _version() -> str:
         return "unknown"
 
 
+DEFAULT_KEY_DIR = Path("~/.config/templatecenter").expanduser()
+
+
 def _common() -> argparse.ArgumentParser:
     c = argparse.ArgumentParser(add_help=False)
     g = c.add_argument_group("common options")
@@ -55,6 +62,10 @@ def _common() -> argparse.ArgumentParser:
                    help=f"admin endpoint, repeatable (default: $TC_ADMIN, else {DEFAULT_ENDPOINT})")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="longest silence to wait for the coordinator (default 30)")
+    g.add_argument("--server-key", default=None, metavar="KEY",
+                   help="the coordinator's public key for tcp:// endpoints (CURVE; default $TC_SERVER_KEY)")
+    g.add_argument("--key-dir", default=None, metavar="DIR",
+                   help=f"where this client's CURVE key pair lives (default $TC_KEY_DIR, else {DEFAULT_KEY_DIR})")
     return c
 
 
@@ -93,7 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     shells.add_parser("bash", parents=[common], help="bash completion: source <(tcctl completion bash)",
                       description=COMPLETION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
                       ).set_defaults(command=None, local="completion bash")
+    kp = groups.add_parser("key", help="this client's CURVE key (for a TCP admin endpoint)")
+    kv = kp.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    kv.add_parser("show", parents=[common], help="print this client's public key; list it in the "
+                  "coordinator's admin.allowed_keys").set_defaults(command=None, local="key show")
     return p
+
+
+def _client_keys(ns: argparse.Namespace) -> KeyPair:
+    """This client's key pair, made (secret 0600) on first use."""
+    key_dir = ns.key_dir or os.environ.get("TC_KEY_DIR") or str(DEFAULT_KEY_DIR)
+    return curve.load_or_create(key_dir, "tcctl")
 
 
 def _emit_json(doc: Any) -> None:
@@ -124,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(script)
         return EXIT_OK
+    if getattr(ns, "local", None) == "key show":
+        pair = _client_keys(ns)
+        doc = {"public_key": pair.public, "fingerprint": curve.fingerprint(pair.public)}
+        if ns.json:
+            _emit_json(doc)
+        else:
+            print(f"{doc['public_key']}  ({doc['fingerprint']})")
+        return EXIT_OK
     cls: type[Command] = REGISTRY[ns.command]
     raw = {a.name: getattr(ns, a.name) for a in cls.all_args() if getattr(ns, a.name, None) is not None}
     generated_rid = None
@@ -142,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     endpoints = ns.endpoint or [e for e in os.environ.get("TC_ADMIN", "").split(",") if e] or [DEFAULT_ENDPOINT]
     if generated_rid and not ns.json:
         print(f"request id: {generated_rid}", file=sys.stderr)
-    client = AdminClient(endpoints, timeout=ns.timeout)
+    server_key = ns.server_key or os.environ.get("TC_SERVER_KEY") or None
+    uses_tcp = any(e.startswith("tcp://") for e in endpoints)
+    client = AdminClient(endpoints, timeout=ns.timeout, server_key=server_key,
+                         client_keys=_client_keys(ns) if (uses_tcp and server_key) else None)
     from .progress import ProgressRenderer
     renderer = None if ns.json else ProgressRenderer()
     try:
