@@ -18,6 +18,16 @@ from tests.support import REPO, Cluster, wait_for
 N_FRAMES = 10_000
 
 
+def rogue_dealer(port: int, ident: bytes) -> tuple[zmq.Context, zmq.Socket]:
+    """A DEALER that speaks garbage to the agent endpoint under a fixed identity."""
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.ROUTING_ID, ident)
+    rogue.setsockopt(zmq.LINGER, 5000)
+    rogue.connect(f"tcp://127.0.0.1:{port}")
+    return ctx, rogue
+
+
 def garbage(i: int, rng: random.Random) -> list[bytes]:
     kind = i % 8
     if kind == 0:
@@ -47,11 +57,7 @@ def test_garbage_and_oversized_frames_are_counted_and_service_continues(cluster:
     cluster.start_agent("n1")
     wait_for(lambda: cluster.health().get("n1") == "READY", 30, "n1 READY")
 
-    ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.setsockopt(zmq.ROUTING_ID, b"rogue-peer")
-    rogue.setsockopt(zmq.LINGER, 5000)
-    rogue.connect(f"tcp://127.0.0.1:{cluster.agent_port}")
+    ctx, rogue = rogue_dealer(cluster.agent_port, b"rogue-peer")
     rng = random.Random(7)
     oversized = Limits().max_frame + 1
     sent = 0
@@ -113,10 +119,7 @@ def test_bad_peer_is_ignored_after_100_bad_messages(cluster: Cluster) -> None:
     cluster.start_coordinator()
     cluster.start_agent("n1")
     wait_for(lambda: cluster.health().get("n1") == "READY", 30, "n1 READY")
-    ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.setsockopt(zmq.ROUTING_ID, b"rogue-2")
-    rogue.connect(f"tcp://127.0.0.1:{cluster.agent_port}")
+    ctx, rogue = rogue_dealer(cluster.agent_port, b"rogue-2")
     try:
         for _ in range(300):
             rogue.send_multipart([b"TC1", b"HEARTBEAT", b"\xc1"])

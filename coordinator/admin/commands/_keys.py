@@ -25,3 +25,10 @@ def registry(ctx: Any) -> Any:
 def render_key(result: dict[str, Any], console: Any) -> None:
     k = result["key"]
     console.print(f"key {k['fingerprint']} for node {k['node_id']}: {k['state']}", highlight=False)
+
+
+def decided(ctx: Any, rec: Any) -> dict[str, Any]:
+    """After accept or reject: tell subscribers (WIRE-18) and return the key's view."""
+    ctx.events.publish(f"node.{rec.node_id}", "key", {"node": rec.node_id, "fingerprint": rec.fingerprint,
+                                                      "state": rec.state})
+    return {"key": rec.view()}

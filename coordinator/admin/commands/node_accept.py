@@ -6,7 +6,7 @@ Unauthorized if another accepted key holds that node id. Idempotent.
 from __future__ import annotations
 
 from ..command import Command
-from ._keys import KEY, registry, render_key
+from ._keys import KEY, decided, registry, render_key
 
 
 class NodeAccept(Command):
@@ -16,9 +16,6 @@ class NodeAccept(Command):
     mutating = True
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
-        rec = await registry(ctx).accept(args["key"])
-        ctx.events.publish(f"node.{rec.node_id}", "key", {"node": rec.node_id, "fingerprint": rec.fingerprint,
-                                                          "state": rec.state})
-        return {"key": rec.view()}
+        return decided(ctx, await registry(ctx).accept(args["key"]))
 
     render = staticmethod(render_key)  # type: ignore[assignment]

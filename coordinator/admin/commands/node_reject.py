@@ -5,7 +5,7 @@ Wire: ADMIN {command: "node reject", args: {key, request_id?}} → RESULT {key: 
 from __future__ import annotations
 
 from ..command import Command
-from ._keys import KEY, registry, render_key
+from ._keys import KEY, decided, registry, render_key
 
 
 class NodeReject(Command):
@@ -15,9 +15,6 @@ class NodeReject(Command):
     mutating = True
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
-        rec = await registry(ctx).reject(args["key"])
-        ctx.events.publish(f"node.{rec.node_id}", "key", {"node": rec.node_id, "fingerprint": rec.fingerprint,
-                                                          "state": rec.state})
-        return {"key": rec.view()}
+        return decided(ctx, await registry(ctx).reject(args["key"]))
 
     render = staticmethod(render_key)  # type: ignore[assignment]
