@@ -146,9 +146,9 @@ def main() -> int:
         return 0
     finally:
         print("\ndemo: stopping", flush=True)
-        for name, p in reversed(list(procs.items())):
+        for p in reversed(list(procs.values())):
             p.send_signal(signal.SIGTERM)
-        for name, p in procs.items():
+        for p in procs.values():
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 
 def rfc3339(ms: int | None) -> str:
@@ -32,6 +31,3 @@ def ago(ms: int | None) -> str:
         return f"{s / 60:.0f}m"
     return f"{s / 3600:.1f}h"
 
-
-def kv_lines(d: dict[str, Any], indent: str = "  ") -> list[str]:
-    return [f"{indent}{k}: {v}" for k, v in d.items()]

@@ -164,8 +164,10 @@ def test_drain_wait_ends_when_sandboxes_reach_zero(tmp_path: Path) -> None:
         cls = REGISTRY["node drain"]
         task = asyncio.ensure_future(cls().execute(ctx, cls.validate({"node": "n1", "wait": True,
                                                                       "wait_timeout": "30s"})))
-        while not progress:  # wait for the command to start waiting, then let the node empty
-            await asyncio.sleep(0.01)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not progress:  # poll until the command is waiting, then let the node empty
+            assert asyncio.get_running_loop().time() < deadline, "drain --wait never reported progress"
+            await asyncio.sleep(0.01)  # polling interval, not a wait for an outcome
         ctx.nodes.nodes["n1"].sandboxes = 0
         return await asyncio.wait_for(task, 10)
     res = asyncio.run(run())
