@@ -62,7 +62,7 @@ def test_garbage_and_oversized_frames_are_counted_and_service_continues(cluster:
     oversized = Limits().max_frame + 1
     sent = 0
     try:
-        for i in range(3):  # bodies just over the 16 MiB frame limit (WIRE-2)
+        for _ in range(3):  # bodies just over the 16 MiB frame limit (WIRE-2)
             rogue.send_multipart([b"TC1", b"HEARTBEAT", b"\x00" * oversized])
             sent += 1
         for i in range(N_FRAMES):
