@@ -2,14 +2,15 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEB_PACKAGES := python3-venv postgresql systemd e2fsprogs iproute2 procps
+# docker-registry, apache2-utils (htpasswd) and debootstrap serve the image tests (issue 4).
+DEB_PACKAGES := python3-venv postgresql systemd e2fsprogs iproute2 procps docker-registry apache2-utils debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps demo demo-stop test test-fast bench clean
 
 deps: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \

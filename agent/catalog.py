@@ -14,13 +14,15 @@ empty; later issues fill it through ``apply``/``put``/``delete``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import secrets
 import sqlite3
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from protocol import canonical
 
@@ -31,6 +33,7 @@ TASK_KIND = "task"
 _KIND = re.compile(r"[a-z_]{1,32}\Z")
 _ID = re.compile(r"[!-~]{1,256}\Z")
 
+T = TypeVar("T")
 Entry = dict[str, Any]  # {"kind": str, "id": str, "body": dict}
 
 _SCHEMA = """
@@ -68,10 +71,20 @@ class Snapshot:
             yield self.entries[i:i + page_size]
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: "Catalog", *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Catalog:
-    """One SQLite connection, used from the agent's event-loop thread only."""
+    """One SQLite connection shared by the event loop and the build/fetch worker threads;
+    every public method holds ``_lock`` so a change and its seq bump never interleave."""
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self._lock = threading.RLock()
         self._conn = conn
         self.path = path
         self._identity: Identity | None = None  # digest cache, valid while (epoch, seq) match
@@ -81,7 +94,7 @@ class Catalog:
         path = os.path.join(state_dir, FILE_NAME)
         # isolation_level=None: we issue BEGIN ourselves, so a change and its seq bump are
         # visibly one transaction rather than relying on the module's implicit transactions.
-        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the catalog is the host's source of truth (DESIGN §4); changes are rare.
         conn.execute("PRAGMA synchronous=FULL")
@@ -92,11 +105,13 @@ class Catalog:
                 conn.execute("INSERT INTO meta VALUES ('epoch', ?), ('seq', '0')", (secrets.token_hex(16),))
         return cls(conn, path)
 
+    @_locked
     def close(self) -> None:
         self._conn.close()
 
     # --- reading ------------------------------------------------------------------
 
+    @_locked
     def identity(self) -> Identity:
         """Cheap enough for every heartbeat: the digest is recomputed only when seq moved."""
         epoch, seq = self._meta()
@@ -105,6 +120,7 @@ class Catalog:
             return cached
         return self.snapshot().identity
 
+    @_locked
     def snapshot(self) -> Snapshot:
         """Identity and the mirrored entries, read in one transaction."""
         with _txn(self._conn, "BEGIN"):
@@ -113,6 +129,7 @@ class Catalog:
         self._identity = Identity(epoch, seq, canonical.catalog_digest(entries))
         return Snapshot(self._identity, entries)
 
+    @_locked
     def entries(self, kind: str | None = None) -> list[Entry]:
         """Every entry (task records included), or those of one kind, sorted by (kind, id)."""
         if kind is None:
@@ -121,6 +138,7 @@ class Catalog:
             rows = self._conn.execute("SELECT kind, id, body FROM entries WHERE kind=? ORDER BY id", (kind,))
         return [_row(r) for r in rows]
 
+    @_locked
     def get(self, kind: str, id_: str) -> Entry | None:
         row = self._conn.execute("SELECT kind, id, body FROM entries WHERE kind=? AND id=?",
                                  (kind, id_)).fetchone()
@@ -128,6 +146,7 @@ class Catalog:
 
     # --- changing (CAT-2) -----------------------------------------------------------
 
+    @_locked
     def apply(self, upserts: Iterable[Entry] = (), deletes: Iterable[tuple[str, str]] = ()) -> int:
         """Commit upserts and deletes as one change; returns the new seq (unchanged if nothing changed)."""
         ups = [(_check(e["kind"], e["id"]), canonical.canonical_json(e.get("body") or {}).decode())

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from .config import AgentConfig
+from .image.preflight import preflight
 
 log = logging.getLogger("facts")
 
@@ -214,15 +215,11 @@ def capabilities(cfg: AgentConfig) -> dict[str, bool]:
 
 
 def build_preflight() -> bool:
-    """``mke2fs`` supports ``-d`` (populate from a directory) and ``e2fsck -V`` runs."""
-    mke2fs, e2fsck = _which("mke2fs"), _which("e2fsck")
-    if mke2fs is None or e2fsck is None:
-        return False
-    usage = _run([mke2fs])  # no arguments: prints its usage, listing -d when supported
-    if usage is None or not re.search(r"\[-d\s", usage.stderr + usage.stdout):
-        return False
-    version = _run([e2fsck, "-V"])
-    return version is not None and version.returncode == 0
+    """IMG-22: mke2fs populates from a directory, e2fsck and debugfs run (a real 8 MiB build)."""
+    result = preflight()
+    if not result.ok:
+        log.warning("build capability off: %s", result.reason)
+    return result.ok
 
 
 def sandbox_capable(cfg: AgentConfig) -> bool:

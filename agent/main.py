@@ -30,7 +30,9 @@ from . import facts as host
 from .blobs import BlobServer, advertised
 from .catalog import Catalog
 from .config import AgentConfig, load_config
+from .image.service import ImageService
 from .session import HelloInfo, Session
+from .tasks import TaskRunner
 
 log = logging.getLogger("agent")
 PROGRAM = "tc-agent"
@@ -132,8 +134,17 @@ class Agent:
             info = HelloInfo(node_id=cfg.node_id, blob_endpoint=blob_endpoint, labels=dict(cfg.agent.labels),
                              capabilities=caps, reconcile=reconcile, boot_ms=started_ms,
                              facts=lambda: host.collect_facts(cfg))
-            session = Session(cfg, ctx, catalog, self.versions, info, pair=pair)
-            return await self._supervise(session, blobs)
+            images = ImageService(cfg, catalog)
+            runner = TaskRunner(catalog, images.handlers(), progress_interval=float(cfg.task.progress_interval),
+                                retention=float(cfg.task.record_retention))
+            pruned = runner.prune()
+            if pruned:
+                log.info("pruned %d task records older than %gs (CAT-7)", pruned, float(cfg.task.record_retention))
+            session = Session(cfg, ctx, catalog, self.versions, info, pair=pair, tasks=runner)
+            try:
+                return await self._supervise(session, blobs)
+            finally:
+                await runner.close()
         finally:
             if blobs is not None:
                 blobs.close(int(cfg.zmq.linger * 1000))

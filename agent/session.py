@@ -40,6 +40,7 @@ from . import facts as host
 from .backoff import Backoff
 from .catalog import Catalog
 from .config import AgentConfig
+from .tasks import TaskRunner
 
 log = logging.getLogger("session")
 _HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -112,8 +113,9 @@ class Session:
 
     def __init__(self, cfg: AgentConfig, ctx: zmq.asyncio.Context, catalog: Catalog,
                  versions: host.VersionsCache, info: HelloInfo, backoff: Backoff | None = None,
-                 pair: KeyPair | None = None) -> None:
+                 pair: KeyPair | None = None, tasks: TaskRunner | None = None) -> None:
         self._cfg = cfg
+        self._tasks = tasks
         self._ctx = ctx
         self._catalog = catalog
         self._versions = versions
@@ -296,6 +298,17 @@ class Session:
                  live.interval, live.liveness, welcome.lease_ttl)
         if welcome.want_full_catalog:
             await self._send_catalog(sock, live)
+        if self._tasks is not None:
+            # Task replies and progress go out on this session's socket until it ends (WIRE-12).
+            self._tasks.attach(lambda msg: self._send(sock, msg))
+        try:
+            return await self._session_loop(sock, endpoint, live)
+        finally:
+            if self._tasks is not None:
+                self._tasks.attach(None)
+
+    async def _session_loop(self, sock: zmq.asyncio.Socket, endpoint: str, live: _Live) -> Leave | None:
+        loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
             if now - live.last_heard >= live.liveness:
@@ -321,7 +334,8 @@ class Session:
             elif isinstance(msg, Task):
                 await self._on_task(sock, msg)
             elif isinstance(msg, TaskCancel):
-                log.info("TASK_CANCEL for %s: no task runs on this agent yet", msg.task_id)
+                if self._tasks is not None:
+                    await self._tasks.on_cancel(msg)
             else:
                 self._unexpected(msg, "in session")
 
@@ -393,8 +407,11 @@ class Session:
                  snap.identity.seq, len(snap.entries), len(pages))
 
     async def _on_task(self, sock: zmq.asyncio.Socket, task: Task) -> None:
-        # Tasks come with a later issue; answer with the final shape so the coordinator's side
-        # can be built against it (WIRE-12: TASK_ACCEPTED, then exactly one TASK_RESULT).
+        if self._tasks is not None:
+            self.counters["task"] += 1
+            await self._tasks.on_task(task)
+            return
+        # No runner (a harness session): answer with the final shape (WIRE-12).
         self.counters["task_refused"] += 1
         err = UnsupportedMessage(f"task op {task.op} is not implemented on this agent", {"op": task.op})
         log.warning("TASK %s (%s) refused: not implemented", task.task_id, task.op)

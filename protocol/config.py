@@ -266,6 +266,8 @@ class ImageConfig:
     registry_retries: int = 3
     cache_budget: Size = Size(20 << 30)
     cache_low_water: Percent = Percent(90.0)
+    # Per-registry-host credentials (IMG-4): TOML, {"HOST[:PORT]" = {username, password}}; "" = none.
+    credentials_file: str = ""
 
 
 @section

@@ -13,6 +13,9 @@ import pytest
 from .pg import PgCluster
 from .support import Cluster
 
+# The loopback registry fixtures (registry, registry_factory) for the image tests (issue 4).
+pytest_plugins = ["tests.registry"]
+
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
