@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 SUITE = "bookworm"
 PACKAGE = "hostname"          # the files of layer 2
 DELETED = "usr/share/doc"     # what layer 3 whites out
@@ -88,11 +89,18 @@ def reference_tree(dest: Path) -> Path:
 
 def _package_files(root: Path) -> list[str]:
     listed = (root / f"var/lib/dpkg/info/{PACKAGE}.list").read_text().split("\n")
-    out = []
+    out = set()
+    real_root = os.path.realpath(root)
     for line in listed:
         rel = line.strip().lstrip("/")
-        if rel and ((root / rel).is_symlink() or (root / rel).is_file()):
-            out.append(rel)
+        if not rel:
+            continue
+        # Merged /usr: dpkg lists /bin/hostname, the file is usr/bin/hostname. Resolve the
+        # parent directories (not the name itself) so layer 1 and layer 2 never overlap.
+        parent = os.path.realpath(os.path.join(root, os.path.dirname(rel)))
+        path = os.path.join(parent, os.path.basename(rel))
+        if os.path.islink(path) or os.path.isfile(path):
+            out.add(os.path.relpath(path, real_root))
     return sorted(out)
 
 
@@ -141,3 +149,24 @@ def oci_layout() -> Path:
         oci.write_layout(part, img, tag=TAG)
         os.rename(part, layout)
     return layout
+
+
+def pushable(layout: Path | None = None) -> Any:
+    """The cached layout as something ``tests.registry.Registry.push`` takes (blobs + manifest)."""
+    import json
+    from types import SimpleNamespace
+
+    from tests import oci
+    layout = layout or oci_layout()
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG)
+
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+
+    manifest = blob(desc["digest"])
+    doc = json.loads(manifest)
+    blobs = {d["digest"]: oci.Blob(d["mediaType"], blob(d["digest"])) for d in [doc["config"], *doc["layers"]]}
+    return SimpleNamespace(blobs=blobs, manifest=manifest, manifest_digest=desc["digest"],
+                           manifest_media_type=desc["mediaType"])

@@ -12,8 +12,9 @@ root and ``lost+found`` times) from ``E2FSPROGS_FAKE_TIME``. What it copies from
 and what therefore varies is pinned afterwards, in ONE ``debugfs -w`` run over all inodes:
 
 * ``ctime`` (and ``crtime``) of every inode := the build epoch;
-* ``atime`` := ``mtime`` (IMG-12), nanoseconds dropped as ``mke2fs`` drops them for mtime;
-* ``mtime`` := the tree's mtime again, or the epoch for directories that had no tar header
+* ``atime`` := ``mtime`` (IMG-12), with nanoseconds;
+* ``mtime`` := the tree's mtime again with its nanoseconds (``mke2fs -d`` copies whole
+  seconds only), or the epoch for directories that had no tar header
   (``dir_times`` given; IMG-20) — this includes the root when the layers have no ``./``;
 * the root directory's mode, uid and gid, which ``mke2fs -d`` does not copy from the source.
 * the order of xattrs on inodes that have several: ``mke2fs`` keeps the host's
@@ -357,9 +358,12 @@ def _map_inodes(image: Path, tree: Mapping[str, os.stat_result], *, env: Mapping
     return result
 
 
-def _time_cmds(ino: int, field: str, sec: int) -> list[str]:
-    # ``<field>_extra`` first (nanoseconds 0), then ``<field> @sec`` sets the low word and the epoch bits.
-    return [f"sif <{ino}> {field}_extra 0\n", f"sif <{ino}> {field} @{sec}\n"]
+def _time_cmds(ino: int, field: str, sec: int, nsec: int = 0) -> list[str]:
+    # ``<field> @sec`` sets the low 32 bits and keeps ``<field>_extra``; the extra word is set
+    # after it in full: nanoseconds << 2 | the two epoch bits (times past 2038). mke2fs -d
+    # copies whole seconds only, so this is also what keeps sub-second mtimes (IMG-12).
+    extra = (nsec << 2) | (((sec + (1 << 31)) >> 32) & 3)
+    return [f"sif <{ino}> {field} @{sec}\n", f"sif <{ino}> {field}_extra {extra}\n"]
 
 
 def _quote(word: str) -> str | None:
@@ -404,21 +408,22 @@ def _postpass(image: Path, root: Path, tree: dict[str, os.stat_result], *, epoch
               dir_times: Mapping[str, int] | None, env: Mapping[str, str], workdir: Path, timeout: float,
               cancel: threading.Event | None) -> None:
     inos = _map_inodes(image, tree, env=env, workdir=workdir, timeout=timeout, cancel=cancel)
-    want: dict[int, tuple[int, os.stat_result, str]] = {}      # ino -> (mtime, stat, key)
+    want: dict[int, tuple[int, os.stat_result, str]] = {}      # ino -> (mtime ns, stat, key)
     for key, ino in inos.items():
         st = tree[key]
-        mtime = int(st.st_mtime_ns // 1_000_000_000)
+        mtime_ns = int(st.st_mtime_ns)
         if stat.S_ISDIR(st.st_mode) and dir_times is not None and key not in dir_times:
-            mtime = int(epoch)                                   # a header-less directory (IMG-20)
-        want.setdefault(ino, (mtime, st, key))
+            mtime_ns = int(epoch) * 1_000_000_000                # a header-less directory (IMG-20)
+        want.setdefault(ino, (mtime_ns, st, key))
     lines: list[str] = []
     root_st = tree[""]
     lines += [f"sif <2> mode 0{root_st.st_mode:o}\n", f"sif <2> uid {root_st.st_uid}\n",
               f"sif <2> gid {root_st.st_gid}\n"]
     for ino in sorted(want):
-        mtime, _st, _key = want[ino]
-        lines += _time_cmds(ino, "mtime", mtime)
-        lines += _time_cmds(ino, "atime", mtime)
+        mtime_ns, _st, _key = want[ino]
+        sec, nsec = divmod(mtime_ns, 1_000_000_000)
+        lines += _time_cmds(ino, "mtime", sec, nsec)
+        lines += _time_cmds(ino, "atime", sec, nsec)
         lines += _time_cmds(ino, "ctime", epoch)
         lines += _time_cmds(ino, "crtime", epoch)
     if 11 not in want:                                         # lost+found, made by mke2fs itself

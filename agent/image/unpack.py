@@ -94,8 +94,19 @@ class _StrictTar(tarfile.TarFile):
         return info
 
 
-def _ns(mtime: float) -> int:
-    return int(round(mtime * 1_000_000_000))
+def _ns(m: tarfile.TarInfo) -> int:
+    """The entry's mtime in nanoseconds, exact: tarfile turns a PAX ``mtime`` such as
+    ``1700000000.810114102`` into a float, which keeps only ~7 of its 9 decimals."""
+    text = m.pax_headers.get("mtime")
+    if text:
+        whole, _, frac = text.strip().partition(".")
+        try:
+            sec = int(whole)
+            digits = (frac[:9] if frac.isdigit() else "").ljust(9, "0")
+            return sec * 1_000_000_000 + (-int(digits) if sec < 0 or whole.startswith("-") else int(digits))
+        except ValueError:
+            pass
+    return int(round(m.mtime * 1_000_000_000))
 
 
 class _Layer:
@@ -192,7 +203,7 @@ class _Layer:
             os.chown(self.root_fd, m.uid, m.gid)
             os.chmod(self.root_fd, stat.S_IMODE(m.mode))
             _set_xattrs_fd(self.root_fd, xattrs)
-            self.state.dir_times[""] = _ns(m.mtime)
+            self.state.dir_times[""] = _ns(m)
             return
         try:
             cur = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -225,7 +236,7 @@ class _Layer:
             if m.isdir():
                 if cur is None or not stat.S_ISDIR(cur.st_mode):
                     os.mkdir(name, 0o700, dir_fd=pfd)
-                self.state.dir_times[res.key] = _ns(m.mtime)
+                self.state.dir_times[res.key] = _ns(m)
             elif m.issym():
                 os.symlink(m.linkname, name, dir_fd=pfd)
             elif m.islnk():
@@ -251,7 +262,7 @@ class _Layer:
                     if not (m.issym() and exc.errno in (errno.EPERM, errno.ENOTSUP)):
                         raise
         if not m.isdir():
-            t = _ns(m.mtime)
+            t = _ns(m)
             os.utime(name, ns=(t, t), dir_fd=pfd, follow_symlinks=False)
 
     def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, name: str, xattrs: dict[str, bytes]) -> None:
@@ -266,7 +277,7 @@ class _Layer:
             os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, stat.S_IMODE(m.mode))
             _set_xattrs_fd(fd, xattrs)
-            t = _ns(m.mtime)
+            t = _ns(m)
             os.utime(fd, ns=(t, t))
         finally:
             os.close(fd)
