@@ -8,8 +8,7 @@ from typing import Any, Callable
 
 from protocol.messages import HeartbeatAck, Task
 from tests import oci
-from tests.integration.test_agent_session import (Coordinator, agents, coord, ctx,  # noqa: F401 — fixtures
-                                                  hello_and_welcome, start_agent)
+from tests.fake_coordinator import Coordinator, hello_and_welcome, start_agent
 from tests.layers import Dir, File, layer
 from tests.registry import Registry
 from tests.support import Proc

@@ -1,0 +1,41 @@
+"""Fixtures for the integration tier: a hand-driven coordinator ROUTER and agent processes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import zmq
+
+from tests.fake_coordinator import Coordinator, Notify
+from tests.support import Proc
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    c: zmq.Context[Any] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
+def coord(ctx: zmq.Context[Any]) -> Iterator[Coordinator]:
+    c = Coordinator(ctx)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def notify() -> Iterator[Notify]:
+    n = Notify()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.kill()
