@@ -37,6 +37,7 @@ test-fast: deps
 
 bench: deps
 	$(PY) tests/bench/heartbeats.py
+	$(PY) tests/bench/build.py
 
 clean:
 	rm -rf .demo .pytest_cache .hypothesis

@@ -83,9 +83,11 @@ class BuildProgress:
         self.layers_done = 0
         self._since = clock()
         self._since_bytes = 0
+        self._marks: list[tuple[str, float]] = [("PULLING", self._since)]
 
     def enter(self, phase: str, *, layers_total: int | None = None, bytes_total: int | None = None) -> None:
         with self._lock:
+            self._marks.append((phase, self._clock()))
             self.phase = phase
             self.layers_done = 0
             self.bytes_done = 0
@@ -106,6 +108,15 @@ class BuildProgress:
         with self._lock:
             self.layers_done += 1
         self.emit()
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each phase so far (the last one up to now)."""
+        with self._lock:
+            marks = [*self._marks, ("", self._clock())]
+        out: dict[str, float] = {}
+        for (phase, start), (_, end) in zip(marks, marks[1:]):
+            out[phase] = round(out.get(phase, 0.0) + end - start, 3)
+        return out
 
     def emit(self) -> None:
         with self._lock:
@@ -216,7 +227,9 @@ class ImageService:
                 finally:
                     self.store.end_try(work)
             self.cache.evict()
-            return self._result(artifact_id, body)
+            timings = progress.timings()
+            log.info("artifact %s: %s", artifact_id, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+            return {**self._result(artifact_id, body), "timings": timings}
         finally:
             source.close()
 
