@@ -135,6 +135,9 @@ class Agent:
                              capabilities=caps, reconcile=reconcile, boot_ms=started_ms,
                              facts=lambda: host.collect_facts(cfg))
             images = ImageService(cfg, catalog)
+            leftovers = await asyncio.to_thread(images.recover)
+            if leftovers:
+                log.info("removed build leftovers of an earlier run: %s", ", ".join(leftovers[:10]))
             runner = TaskRunner(catalog, images.handlers(), progress_interval=float(cfg.task.progress_interval),
                                 retention=float(cfg.task.record_retention))
             pruned = runner.prune()

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from protocol.canonical import canonical_json
 from protocol.config import BuildConfig
-from protocol.errors import Ext4BuildFailed, JobCancelled
+from protocol.errors import BuilderPreflightFailed, Ext4BuildFailed, JobCancelled
 
 __all__ = [
     "BLOCK",
@@ -233,6 +233,10 @@ def _run(argv: Sequence[str], *, stage: str, env: Mapping[str, str], timeout: fl
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=dict(env), close_fds=True)
+    except (FileNotFoundError, PermissionError) as exc:
+        # The tool vanished or lost its x bit since the start-up preflight (IMG-22).
+        raise BuilderPreflightFailed(f"{stage}: build tool {argv[0]} cannot run on this builder: {exc.strerror}",
+                                     {"stage": stage, "tool": argv[0]}) from None
     except OSError as exc:
         raise Ext4BuildFailed(f"{stage}: cannot run {argv[0]}: {exc}",
                               {"stage": stage, "rc": None, "stderr": str(exc)}) from None

@@ -149,6 +149,17 @@ class ImageService:
         self._artifact_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
+    def recover(self) -> list[str]:
+        """At start, before any task runs: scratch of builds a crash interrupted goes (IMG-21),
+        and so do half-written layer downloads. Returns what was removed, for the log."""
+        removed = [str(p.relative_to(self.store.root)) for p in sorted(self.store.work.iterdir())]
+        for path in self.store.work.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return removed + list(self.cache.reconcile())
+
     def handlers(self) -> dict[str, Callable[[TaskContext], dict[str, Any]]]:
         return {"RESOLVE_IMAGE": self.resolve_task, "BUILD_ARTIFACT": self.build_task}
 

@@ -269,3 +269,16 @@ def test_preflight_ok_and_missing_tools(tmp_path):
         require_build_tools(tmp_path, path=os.fspath(empty))
     assert "mke2fs" in ei.value.message
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]     # the scratch fs was removed
+
+
+def test_tools_gone_mid_build_is_builder_preflight_failed(tmp_path, monkeypatch):
+    """IMG-22: build tools missing after the start-up preflight → BuilderPreflightFailed, no output left."""
+    root = tmp_path / "root"
+    _unpack(root, layer([File("f", b"x")]))
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(BuilderPreflightFailed) as ei:
+        _build(tmp_path, "gone.img", root)
+    assert ei.value.details["tool"] == "mke2fs"
+    assert not (tmp_path / "gone.img").exists()

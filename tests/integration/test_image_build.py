@@ -274,3 +274,18 @@ def test_missing_tag_is_image_not_found(registry: Registry, agentlets: Callable[
     a = agentlets("agent", registry)
     with pytest.raises(ImageNotFound):
         a.build(f"{registry.host}/test/nothing:here")
+
+
+def test_recover_removes_interrupted_build_scratch(agentlets: Callable[..., Agentlet]) -> None:
+    """IMG-21, CAT-3: scratch of a build a crash interrupted, and half-written layer downloads,
+    are removed at start; cached layers and artifacts stay."""
+    a = agentlets()
+    store = a.service.store
+    (store.work / ART / "abcd1234" / "root" / "etc").mkdir(parents=True)
+    (store.layers / "tmp").mkdir(exist_ok=True)
+    (store.layers / "tmp" / "partial.download").write_bytes(b"x" * 100)
+    (store.artifacts / ART).mkdir()
+    removed = a.service.recover()
+    assert ART in removed[0] and "partial.download" in removed
+    assert list(store.work.iterdir()) == [] and list((store.layers / "tmp").iterdir()) == []
+    assert (store.artifacts / ART).is_dir()
