@@ -286,3 +286,5 @@ class BuildConfig:
     space_factor: int = 4
     max_builders: int = 2
     wait_poll: Duration = Duration(5.0)
+    # Unpacked root trees kept for reuse by derived images (agent/image/chains.py); 0 = off.
+    tree_cache: int = 2

@@ -124,6 +124,8 @@ class Resolver:
                         walk.reset()
                         return None
                     os.mkdir(comp, 0o755, dir_fd=walk.fd)
+                    # Explicitly: the agent's umask (0077 under systemd) must not reach the image.
+                    os.chmod(comp, 0o755, dir_fd=walk.fd)
                     if self.on_mkdir is not None:
                         self.on_mkdir("/".join(walk.names + [comp]))
                     st = os.stat(comp, dir_fd=walk.fd, follow_symlinks=False)

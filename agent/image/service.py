@@ -14,6 +14,7 @@ dropped; they are in no result, record or log line (IMG-4).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -33,8 +34,9 @@ from ..config import AgentConfig
 from ..tasks import TaskContext
 from . import ext4, imageconfig
 from .cache import LayerCache
+from .chains import Hit, OverlayUnavailable, TreeCache, overlay, unmount_under, upper_dirs
 from .compression import open_layer
-from .model import Credentials, ResolvedImage
+from .model import Credentials, ImageSource, Layer, ResolvedImage
 from .sources import open_source
 from .store import CONFIG, ROOTFS, Store, check_artifact_id, fsync_dir
 from .unpack import UnpackLimits, UnpackState, apply_layer, finish_dirs
@@ -145,6 +147,7 @@ class ImageService:
         self.store = store or Store.under(cfg.agent.state_dir)
         self.cache = LayerCache(self.store.root, catalog, budget=int(cfg.image.cache_budget),
                                 low_water=float(cfg.image.cache_low_water) / 100.0)
+        self.trees = TreeCache(self.store.root, keep=max(0, cfg.build.tree_cache))
         self._builds = threading.BoundedSemaphore(max(1, cfg.build.max_builders))
         self._artifact_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -152,13 +155,15 @@ class ImageService:
     def recover(self) -> list[str]:
         """At start, before any task runs: scratch of builds a crash interrupted goes (IMG-21),
         and so do half-written layer downloads. Returns what was removed, for the log."""
+        unmount_under(self.store.work)  # a crash may have left an overlay mounted in a try
         removed = [str(p.relative_to(self.store.root)) for p in sorted(self.store.work.iterdir())]
         for path in self.store.work.iterdir():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        return removed + list(self.cache.reconcile())
+        self.trees.probe(self.store.work)
+        return removed + list(self.cache.reconcile()) + self.trees.recover()
 
     def handlers(self) -> dict[str, Callable[[TaskContext], dict[str, Any]]]:
         return {"RESOLVE_IMAGE": self.resolve_task, "BUILD_ARTIFACT": self.build_task}
@@ -218,25 +223,30 @@ class ImageService:
                 log.info("artifact %s already built (fingerprint %s)", artifact_id, fingerprint[:12])
                 return self._result(artifact_id, existing["body"])
             self._check_space(resolved, writable)
-            digests = [l.digest for l in resolved.layers]
-            with self.cache.use(digests):
-                paths = self.cache.fetch_all(
-                    source, list(resolved.layers), concurrency=self.cfg.image.layer_concurrency,
-                    progress=lambda d, t, ld, lt: progress.bytes(d, t, ld, lt), cancel=stop)
-                self._stop_if(cancel)
-                work = self.store.new_try(artifact_id)
-                try:
-                    root = work / "root"
-                    state = self._unpack(resolved, paths, root, progress, cancel)
-                    progress.enter("BUILDING_EXT4")
-                    built = ext4.build_ext4(root, work / ROOTFS, writable=writable, fingerprint=fingerprint,
-                                            epoch=resolved.created_epoch, cfg=self.cfg.build, cancel=stop,
-                                            dir_times=state.dir_times)
-                    shutil.rmtree(root, ignore_errors=True)  # free the space before the move
-                    progress.enter("GENERATING_JSON")
-                    body = self._install(artifact_id, work, resolved, fingerprint, writable, built)
-                finally:
-                    self.store.end_try(work)
+            diff_ids = [l.diff_id for l in resolved.layers]
+            with self.trees.longest(diff_ids) as hit:
+                # Layers a cached tree already holds need no download (their diff_ids match).
+                needed = list(resolved.layers[hit.layers if hit else 0:])
+                with self.cache.use([l.digest for l in needed]):
+                    paths = self.cache.fetch_all(
+                        source, needed, concurrency=self.cfg.image.layer_concurrency,
+                        progress=lambda d, t, ld, lt: progress.bytes(d, t, ld, lt), cancel=stop)
+                    self._stop_if(cancel)
+                    work = self.store.new_try(artifact_id)
+                    try:
+                        with self._root(source, resolved, hit, paths, work, progress, cancel) as (
+                                root, state, fresh):
+                            progress.enter("BUILDING_EXT4")
+                            built = ext4.build_ext4(root, work / ROOTFS, writable=writable,
+                                                    fingerprint=fingerprint, epoch=resolved.created_epoch,
+                                                    cfg=self.cfg.build, cancel=stop, dir_times=state.dir_times)
+                            if fresh:  # keep the tree for images built on this one (chains.py)
+                                self.trees.save(diff_ids, root, state.dir_times)
+                        progress.enter("GENERATING_JSON")
+                        body = self._install(artifact_id, work, resolved, fingerprint, writable, built)
+                    finally:
+                        unmount_under(work)  # never delete through a mount left by a failure
+                        self.store.end_try(work)
             self.cache.evict()
             timings = progress.timings()
             log.info("artifact %s: %s", artifact_id, ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
@@ -246,27 +256,61 @@ class ImageService:
 
     # --- steps ---------------------------------------------------------------------------
 
-    def _unpack(self, resolved: ResolvedImage, paths: list[Path], root: Path, progress: BuildProgress,
-                cancel: TaskContext | None) -> UnpackState:
+    @contextlib.contextmanager
+    def _root(self, source: ImageSource, resolved: ResolvedImage, hit: Hit | None, paths: list[Path],
+              work: Path, progress: BuildProgress,
+              cancel: TaskContext | None) -> Iterator[tuple[Path, UnpackState, bool]]:
+        """The tree ``mke2fs -d`` reads: (root, unpack state, whether it is a fresh full unpack)."""
+        layers = list(resolved.layers)
+        held = contextlib.ExitStack()
+        if hit is not None and hit.layers == len(layers):
+            progress.enter("UNPACKING", layers_total=0, bytes_total=0)
+            log.info("all %d layers are in cached tree %s: nothing to unpack", len(layers), hit.chain_id[:19])
+            yield hit.root, UnpackState(dir_times=dict(hit.dir_times)), False
+            return
+        if hit is not None:
+            try:
+                with overlay(hit.root, work) as (merged, upper):
+                    log.info("layers 1-%d from cached tree %s; unpacking %d more over it", hit.layers,
+                             hit.chain_id[:19], len(paths))
+                    state = UnpackState(dir_times=dict(hit.dir_times))
+                    self._apply(layers[hit.layers:], paths, merged, state, progress, cancel)
+                    finish_dirs(merged, state, only=upper_dirs(upper))
+                    yield merged, state, False
+                    return
+            except OverlayUnavailable as exc:
+                # Rare (the start-up probe passed): fall back to the plain way, fetching the rest.
+                log.warning("overlay over cached tree %s failed (%s): unpacking every layer", hit.chain_id, exc)
+                held.enter_context(self.cache.use([l.digest for l in layers]))
+                paths = self.cache.fetch_all(source, layers, concurrency=self.cfg.image.layer_concurrency,
+                                             cancel=cancel.cancel if cancel is not None else None)
+        with held:
+            root = work / "root"
+            root.mkdir(mode=0o755)
+            os.chmod(root, 0o755)  # a header-less root is 0755 whatever the umask (IMG-20)
+            state = UnpackState()
+            try:
+                self._apply(layers, paths, root, state, progress, cancel)
+                finish_dirs(root, state)
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)  # IMG-16: a failed unpack leaves nothing
+                raise
+            yield root, state, True
+
+    def _apply(self, layers: list[Layer], paths: list[Path], root: Path, state: UnpackState,
+               progress: BuildProgress, cancel: TaskContext | None) -> None:
+        """Apply ``layers`` (their cached blobs at ``paths``) in order onto ``root``."""
         limits = UnpackLimits.from_config(self.cfg.unpack)
-        root.mkdir(mode=0o755)
-        state = UnpackState()
-        progress.enter("UNPACKING", layers_total=len(paths), bytes_total=sum(l.size for l in resolved.layers))
+        progress.enter("UNPACKING", layers_total=len(paths), bytes_total=sum(l.size for l in layers))
         done = 0
-        try:
-            for layer, path in zip(resolved.layers, paths):
-                self._stop_if(cancel)
-                with open(path, "rb") as raw:
-                    reader = open_layer(raw, layer, max_bytes=max(0, limits.max_bytes - state.bytes))
-                    apply_layer(root, reader, limits, state)
-                    reader.finish()  # the diff_id covers the whole stream (IMG-8)
-                done += layer.size
-                progress.bytes(done, progress.bytes_total, progress.layers_done + 1, len(paths))
-            finish_dirs(root, state)
-        except BaseException:
-            shutil.rmtree(root, ignore_errors=True)  # IMG-16: a failed unpack leaves nothing
-            raise
-        return state
+        for layer, path in zip(layers, paths):
+            self._stop_if(cancel)
+            with open(path, "rb") as raw:
+                reader = open_layer(raw, layer, max_bytes=max(0, limits.max_bytes - state.bytes))
+                apply_layer(root, reader, limits, state)
+                reader.finish()  # the diff_id covers the whole stream (IMG-8)
+            done += layer.size
+            progress.bytes(done, progress.bytes_total, progress.layers_done + 1, len(paths))
 
     def _install(self, artifact_id: str, work: Path, resolved: ResolvedImage, fingerprint: str, writable: int,
                  built: ext4.Ext4Result) -> dict[str, Any]:

@@ -354,12 +354,14 @@ def apply_layer(root: Path, stream: BinaryIO, limits: UnpackLimits, state: Unpac
         os.close(root_fd)
 
 
-def finish_dirs(root: Path, state: UnpackState) -> None:
-    """Set recorded directory times, children before parents (atime = mtime)."""
+def finish_dirs(root: Path, state: UnpackState, only: Iterable[str] | None = None) -> None:
+    """Set recorded directory times, children before parents (atime = mtime); with ``only``,
+    just for those directory keys (the ones an upper layer changed, see ``chains``)."""
+    keys = state.dir_times if only is None else [k for k in only if k in state.dir_times]
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         resolver = Resolver(root_fd, 0)
-        for key in sorted(state.dir_times, key=lambda k: (-k.count("/") if k else 1, k)):
+        for key in sorted(keys, key=lambda k: (-k.count("/") if k else 1, k)):
             t = state.dir_times[key]
             if not key:
                 os.utime(root_fd, ns=(t, t))
@@ -387,6 +389,7 @@ def unpack_layers(root: Path, streams: Iterable[BinaryIO], limits: UnpackLimits)
     """
     root = Path(root)
     root.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(root, 0o755)  # a header-less root is 0755 whatever the umask (IMG-20)
     if any(root.iterdir()):
         raise ImageInvalid(f"unpack directory {show(str(root))} is not empty")
     state = UnpackState()
