@@ -36,6 +36,7 @@ from . import ext4, imageconfig
 from .cache import LayerCache
 from .chains import Hit, OverlayUnavailable, TreeCache, overlay, unmount_under, upper_dirs
 from .compression import open_layer
+from .prefetch import Prefetch
 from .model import Credentials, ImageSource, Layer, ResolvedImage
 from .sources import open_source
 from .store import CONFIG, ROOTFS, Store, check_artifact_id, fsync_dir
@@ -307,7 +308,8 @@ class ImageService:
             self._stop_if(cancel)
             with open(path, "rb") as raw:
                 reader = open_layer(raw, layer, max_bytes=max(0, limits.max_bytes - state.bytes))
-                apply_layer(root, reader, limits, state)
+                with Prefetch(reader) as ahead:  # inflate and hash in a second thread
+                    apply_layer(root, ahead, limits, state)
                 reader.finish()  # the diff_id covers the whole stream (IMG-8)
             done += layer.size
             progress.bytes(done, progress.bytes_total, progress.layers_done + 1, len(paths))
