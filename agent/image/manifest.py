@@ -163,6 +163,15 @@ def _platform(raw: Any) -> Platform | None:
     return Platform(os_, arch, variant)
 
 
+def _bounded_list(doc: dict[str, Any], key: str, cap: int, what: str, unit: str) -> list[Any]:
+    raw = doc.get(key)
+    if not isinstance(raw, list):
+        raise ImageInvalid(f"{what} has no {key} list")
+    if len(raw) > cap:
+        raise ImageInvalid(f"{what} has more than {cap} {unit}")
+    return raw
+
+
 def parse_document(body: bytes, content_type: str | None = None) -> Index | Manifest:
     """Parse a manifest or index (IMG-6)."""
     doc = _load_json(body, "manifest", MAX_MANIFEST_BYTES)
@@ -172,13 +181,8 @@ def parse_document(body: bytes, content_type: str | None = None) -> Index | Mani
     if doc.get("schemaVersion") != 2:
         raise ImageInvalid(f"unsupported manifest schemaVersion {str(doc.get('schemaVersion'))[:20]}")
     if media_type in model.INDEX_TYPES:
-        raw = doc.get("manifests")
-        if not isinstance(raw, list):
-            raise ImageInvalid("index has no manifests list")
-        if len(raw) > MAX_INDEX_ENTRIES:
-            raise ImageInvalid(f"index has more than {MAX_INDEX_ENTRIES} entries")
         entries = []
-        for item in raw:
+        for item in _bounded_list(doc, "manifests", MAX_INDEX_ENTRIES, "index", "entries"):
             desc = parse_descriptor(item, "index entry")
             ann = item.get("annotations")
             ann = {k: v for k, v in ann.items() if isinstance(k, str) and isinstance(v, str)} \
@@ -189,13 +193,8 @@ def parse_document(body: bytes, content_type: str | None = None) -> Index | Mani
     if config.media_type not in model.CONFIG_TYPES:
         raise ImageInvalid(f"config {config.digest} has unsupported media type {config.media_type[:200]!r}",
                            {"digest": config.digest})
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise ImageInvalid("manifest has no layers list")
-    if len(raw_layers) > MAX_LAYERS:
-        raise ImageInvalid(f"manifest has more than {MAX_LAYERS} layers")
     layers = []
-    for item in raw_layers:
+    for item in _bounded_list(doc, "layers", MAX_LAYERS, "manifest", "layers"):
         desc = parse_descriptor(item, "layer")
         if desc.media_type in _FOREIGN or (isinstance(item, dict) and item.get("urls")):
             raise ImageInvalid(f"layer {desc.digest} is foreign/non-distributable ({desc.media_type[:200]})",

@@ -7,7 +7,6 @@ import email.utils
 import hashlib
 import io
 import logging
-import shutil
 import time
 
 import httpx
@@ -34,28 +33,8 @@ from protocol.errors import (
 )
 from tests import oci
 from tests.layers import Dir, File, layer
-from tests.registry import Registry
 
 USER, PASSWORD = "tcuser", "Very-S3cret-pass!word"
-
-
-@pytest.fixture
-def reg_factory(tmp_path):
-    """``reg_factory(mode, **kw)``: a started tests.registry.Registry, stopped at teardown."""
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry is not installed")
-    started: list[Registry] = []
-
-    def make(mode: str = "none", **kw) -> Registry:
-        reg = Registry(tmp_path / f"registry-{len(started)}", mode=mode, **kw)
-        started.append(reg)
-        return reg.start()
-
-    try:
-        yield make
-    finally:
-        for reg in started:
-            reg.stop()
 
 
 class FakeSleep:
@@ -99,8 +78,8 @@ def pull(src, img):
 
 # --- auth modes (IMG-3) ---------------------------------------------------------------------
 
-def test_anonymous_pull(reg_factory):
-    reg = reg_factory("none")
+def test_anonymous_pull(registry_factory):
+    reg = registry_factory("none")
     img = make_image()
     reg.push("test/app", "v1", img)
     with source(reg, "test/app:v1") as src:
@@ -110,8 +89,8 @@ def test_anonymous_pull(reg_factory):
     assert res.platform == Platform("linux", "amd64")
 
 
-def test_pull_by_digest(reg_factory):
-    reg = reg_factory("none")
+def test_pull_by_digest(registry_factory):
+    reg = registry_factory("none")
     img = make_image()
     digest = reg.push("test/app", "v1", img)
     with source(reg, f"test/app@{digest}") as src:
@@ -119,17 +98,17 @@ def test_pull_by_digest(reg_factory):
 
 
 @pytest.mark.parametrize("mode", ["basic", "bearer"])
-def test_authenticated_pull(reg_factory, mode):
-    reg = reg_factory(mode, users={USER: PASSWORD})
+def test_authenticated_pull(registry_factory, mode):
+    reg = registry_factory(mode, users={USER: PASSWORD})
     img = make_image()
     reg.push("test/app", "v1", img)
     with source(reg, "test/app:v1", creds=Credentials(USER, PASSWORD)) as src:
         pull(src, img)
 
 
-def test_bearer_token_cached_and_refreshed(reg_factory):
+def test_bearer_token_cached_and_refreshed(registry_factory):
     """Bearer tokens are cached per scope; an expired one is refreshed once."""
-    reg = reg_factory("bearer", users={USER: PASSWORD})
+    reg = registry_factory("bearer", users={USER: PASSWORD})
     img = make_image(n=3)
     reg.push("test/app", "v1", img)
     with source(reg, "test/app:v1", creds=Credentials(USER, PASSWORD)) as src:
@@ -144,8 +123,8 @@ def test_bearer_token_cached_and_refreshed(reg_factory):
         assert reg.count("/token") == 2
 
 
-def test_bearer_anonymous_pull_when_allowed(reg_factory):
-    reg = reg_factory("bearer", users={USER: PASSWORD}, allow_anonymous_pull=True)
+def test_bearer_anonymous_pull_when_allowed(registry_factory):
+    reg = registry_factory("bearer", users={USER: PASSWORD}, allow_anonymous_pull=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     with source(reg, "test/app:v1") as src:
@@ -154,10 +133,10 @@ def test_bearer_anonymous_pull_when_allowed(reg_factory):
 
 @pytest.mark.parametrize("mode", ["basic", "bearer"])
 @pytest.mark.parametrize("creds", [None, Credentials(USER, "wrong-" + PASSWORD), Credentials("nobody", PASSWORD)])
-def test_auth_failures(reg_factory, mode, creds, caplog):
+def test_auth_failures(registry_factory, mode, creds, caplog):
     """IMG-3: wrong or missing credentials -> ImageAuthFailed naming the host, never the password."""
     caplog.set_level(logging.DEBUG)
-    reg = reg_factory(mode, users={USER: PASSWORD})
+    reg = registry_factory(mode, users={USER: PASSWORD})
     reg.push("test/app", "v1", make_image())
     src = source(reg, "test/app:v1", creds=creds)
     with pytest.raises(ImageAuthFailed) as ei:
@@ -178,10 +157,10 @@ def assert_no_secret(exc: TCError, caplog, src, creds) -> None:
             assert s not in t
 
 
-def test_password_never_leaks_on_success_and_faults(reg_factory, caplog):
+def test_password_never_leaks_on_success_and_faults(registry_factory, caplog):
     """IMG-4: the password is in no log line, exception, repr or result, even across retries."""
     caplog.set_level(logging.DEBUG)
-    reg = reg_factory("basic", users={USER: PASSWORD}, front=True)
+    reg = registry_factory("basic", users={USER: PASSWORD}, front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     reg.fail(r"/manifests/", 503, times=1)
@@ -199,15 +178,15 @@ def test_password_never_leaks_on_success_and_faults(reg_factory, caplog):
 # --- not found (IMG-3) ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ref", ["test/app:nope", "test/missing:v1", "test/app@sha256:" + "0" * 64])
-def test_not_found(reg_factory, ref):
-    reg = reg_factory("none")
+def test_not_found(registry_factory, ref):
+    reg = registry_factory("none")
     reg.push("test/app", "v1", make_image())
     with source(reg, ref) as src, pytest.raises(ImageNotFound):
         src.resolve()
 
 
-def test_missing_blob_not_found(reg_factory):
-    reg = reg_factory("none")
+def test_missing_blob_not_found(registry_factory):
+    reg = registry_factory("none")
     reg.push("test/app", "v1", make_image())
     with source(reg, "test/app:v1") as src, pytest.raises(ImageNotFound):
         src.fetch_blob(Descriptor(model.OCI_LAYER_GZIP, "sha256:" + "1" * 64, 10), io.BytesIO())
@@ -216,9 +195,9 @@ def test_missing_blob_not_found(reg_factory):
 # --- manifests and platforms (IMG-6, IMG-7) -----------------------------------------------------
 
 @pytest.mark.parametrize("docker", [False, True])
-def test_multi_arch_index(reg_factory, docker):
+def test_multi_arch_index(registry_factory, docker):
     """IMG-6: OCI index / Docker list; linux/amd64 and linux/arm64/v8 picked; others ImageNotFound."""
-    reg = reg_factory("none")
+    reg = registry_factory("none")
     amd, arm = make_image("amd64", docker=docker), make_image("arm64", "v8", docker=docker)
     multi = oci.index([amd, arm], docker=docker)
     reg.push("test/multi", "v1", multi)
@@ -234,8 +213,8 @@ def test_multi_arch_index(reg_factory, docker):
         src.resolve()
 
 
-def test_docker_v2s2_manifest(reg_factory):
-    reg = reg_factory("none")
+def test_docker_v2s2_manifest(registry_factory):
+    reg = registry_factory("none")
     img = make_image(docker=True)
     reg.push("test/docker", "v1", img)
     with source(reg, "test/docker:v1") as src:
@@ -245,9 +224,9 @@ def test_docker_v2s2_manifest(reg_factory):
 
 
 @pytest.mark.parametrize("compression", [["gzip", "zstd", "none"]])
-def test_layer_media_types_pass_through(reg_factory, compression):
+def test_layer_media_types_pass_through(registry_factory, compression):
     """IMG-7: gzip, zstd and uncompressed layers keep their media type and compression."""
-    reg = reg_factory("none")
+    reg = registry_factory("none")
     img = make_image(compression=compression, n=3)
     reg.push("test/mixed", "v1", img)
     with source(reg, "test/mixed:v1") as src:
@@ -257,16 +236,16 @@ def test_layer_media_types_pass_through(reg_factory, compression):
                                                             model.OCI_LAYER]
 
 
-def test_schema1_refused(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_schema1_refused(registry_factory):
+    reg = registry_factory("none", front=True)
     reg.respond(r"/manifests/", 200, b'{"schemaVersion":1,"name":"test/old","tag":"v1","fsLayers":[]}',
                 {"Content-Type": model.DOCKER_MANIFEST_V1_SIGNED})
     with source(reg, "test/old:v1") as src, pytest.raises(ImageInvalid, match="schema 1"):
         src.resolve()
 
 
-def test_foreign_layer_refused(reg_factory):
-    reg = reg_factory("none")
+def test_foreign_layer_refused(registry_factory):
+    reg = registry_factory("none")
     img = oci.image([layer([File("a", b"a")])], layer_media_types=[model.OCI_LAYER_FOREIGN_GZIP])
     reg.push("test/foreign", "v1", img)
     with source(reg, "test/foreign:v1") as src, pytest.raises(ImageInvalid) as ei:
@@ -276,8 +255,8 @@ def test_foreign_layer_refused(reg_factory):
 
 # --- retries and verification (IMG-8) ----------------------------------------------------------
 
-def test_503_twice_then_success(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_503_twice_then_success(registry_factory):
+    reg = registry_factory("none", front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     reg.fail(r"/manifests/v1$", 503, times=2)
@@ -290,8 +269,8 @@ def test_503_twice_then_success(reg_factory):
 
 
 @pytest.mark.parametrize("retry_after", ["7", None])
-def test_429_retry_after_honoured(reg_factory, retry_after):
-    reg = reg_factory("none", front=True)
+def test_429_retry_after_honoured(registry_factory, retry_after):
+    reg = registry_factory("none", front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     if retry_after is None:  # an HTTP date ~30 s ahead
@@ -304,8 +283,8 @@ def test_429_retry_after_honoured(reg_factory, retry_after):
     assert sleep.calls[0] >= (7 if retry_after == "7" else 25)
 
 
-def test_persistent_503_unavailable(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_persistent_503_unavailable(registry_factory):
+    reg = registry_factory("none", front=True)
     reg.push("test/app", "v1", make_image())
     reg.fail(r"/manifests/", 503, times=None)
     sleep = FakeSleep()
@@ -316,8 +295,8 @@ def test_persistent_503_unavailable(reg_factory):
     assert reg.host in ei.value.message and "503" in ei.value.message
 
 
-def test_retries_setting(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_retries_setting(registry_factory):
+    reg = registry_factory("none", front=True)
     reg.push("test/app", "v1", make_image())
     reg.fail(r"/manifests/", 502, times=None)
     with source(reg, "test/app:v1", registry_retries=1) as src, pytest.raises(ImageRegistryUnavailable):
@@ -335,8 +314,8 @@ def test_connection_refused_unavailable():
     assert len(sleep.calls) == 3
 
 
-def test_corrupt_blob_refetched_once(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_corrupt_blob_refetched_once(registry_factory):
+    reg = registry_factory("none", front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     res_digest = img.layers[0].digest
@@ -346,8 +325,8 @@ def test_corrupt_blob_refetched_once(reg_factory):
     assert reg.count(f"/blobs/{res_digest}") == 2
 
 
-def test_corrupt_blob_twice_mismatch(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_corrupt_blob_twice_mismatch(registry_factory):
+    reg = registry_factory("none", front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     d = img.layers[0].digest
@@ -364,8 +343,8 @@ def test_corrupt_blob_twice_mismatch(reg_factory):
     assert reg.count(f"/blobs/{d}") == 2
 
 
-def test_corrupt_config_refetched(reg_factory):
-    reg = reg_factory("none", front=True)
+def test_corrupt_config_refetched(registry_factory):
+    reg = registry_factory("none", front=True)
     img = make_image()
     reg.push("test/app", "v1", img)
     reg.corrupt(f"/blobs/{img.config_digest}", times=2)
@@ -373,9 +352,9 @@ def test_corrupt_config_refetched(reg_factory):
         src.resolve()
 
 
-def test_corrupt_child_manifest_mismatch(reg_factory):
+def test_corrupt_child_manifest_mismatch(registry_factory):
     """A manifest fetched by digest is verified (refetched once)."""
-    reg = reg_factory("none", front=True)
+    reg = registry_factory("none", front=True)
     amd = make_image()
     multi = oci.index([amd])
     reg.push("test/multi", "v1", multi)
@@ -387,9 +366,9 @@ def test_corrupt_child_manifest_mismatch(reg_factory):
         src.resolve()
 
 
-def test_dropped_body_is_retried(reg_factory):
+def test_dropped_body_is_retried(registry_factory):
     """A transport drop mid-body counts as a retry: out is rewound and the blob fetched again."""
-    reg = reg_factory("none", front=True)
+    reg = registry_factory("none", front=True)
     big = layer([File("big", bytes(range(256)) * 8192)])
     img = oci.image([big], compression="none")
     reg.push("test/big", "v1", img)
@@ -403,8 +382,8 @@ def test_dropped_body_is_retried(reg_factory):
 
 # --- open_source and the credentials file (IMG-4) -------------------------------------------------
 
-def test_credentials_file_and_request_override(reg_factory, tmp_path):
-    reg = reg_factory("basic", users={USER: PASSWORD})
+def test_credentials_file_and_request_override(registry_factory, tmp_path):
+    reg = registry_factory("basic", users={USER: PASSWORD})
     img = make_image()
     reg.push("test/app", "v1", img)
     path = tmp_path / "creds.toml"
