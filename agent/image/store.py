@@ -5,6 +5,8 @@ move into place is a rename).
     store/layers/tmp/                  downloads in progress
     store/artifacts/<artifact_id>/     rootfs.ext4 + config.json of a built artifact
     store/work/<artifact_id>/<try>/    build scratch (IMG-21), removed after every try
+    store/chains/<hex>/                unpacked trees kept for derived images (chains.py);
+                                       a build-internal cache, not catalog entries
 
 Every path is derived from a validated id or digest, never from a name in a message (SEC-7).
 """
