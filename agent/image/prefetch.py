@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 CHUNK = 1 << 20
 _EOF = object()
@@ -19,8 +19,10 @@ _EOF = object()
 class Prefetch:
     """A read-only file-like object over ``source`` that reads ahead in a thread."""
 
-    def __init__(self, source: BinaryIO, *, chunk: int = CHUNK, depth: int = 8) -> None:
+    def __init__(self, source: BinaryIO, *, chunk: int = CHUNK, depth: int = 8,
+                 check: Callable[[], None] | None = None) -> None:
         self._source = source
+        self._check = check  # raises to stop (a cancelled task): checked once per chunk
         self._chunk = chunk
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -53,6 +55,8 @@ class Prefetch:
         """Refill the buffer; False at the end of the stream."""
         if self._done:
             return False
+        if self._check is not None:
+            self._check()
         item = self._queue.get()
         if item is _EOF:
             self._done = True

@@ -308,7 +308,8 @@ class ImageService:
             self._stop_if(cancel)
             with open(path, "rb") as raw:
                 reader = open_layer(raw, layer, max_bytes=max(0, limits.max_bytes - state.bytes))
-                with Prefetch(reader) as ahead:  # inflate and hash in a second thread
+                # Inflate and hash in a second thread; a cancel or deadline stops a big layer mid-way.
+                with Prefetch(reader, check=cancel.check if cancel is not None else None) as ahead:
                     apply_layer(root, ahead, limits, state)
                 reader.finish()  # the diff_id covers the whole stream (IMG-8)
             done += layer.size

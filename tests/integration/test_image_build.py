@@ -19,6 +19,7 @@ from agent.config import AgentConfig, load_config
 from agent.image.service import ARTIFACT_KIND, BuildProgress, ImageService
 from agent.image.store import CONFIG, ROOTFS
 from agent.tasks import TaskRunner
+from protocol.messages import Task, TaskCancel, TaskProgress, TaskResult
 from protocol.errors import (ImageDigestMismatch, ImageInvalid, ImageLimitExceeded,
                              ImageNotFound, InvalidRequest, TCError)
 from tests import oci
@@ -289,3 +290,38 @@ def test_recover_removes_interrupted_build_scratch(agentlets: Callable[..., Agen
     assert ART in removed[0] and "partial.download" in removed
     assert list(store.work.iterdir()) == [] and list((store.layers / "tmp").iterdir()) == []
     assert (store.artifacts / ART).is_dir()
+
+
+def test_cancel_during_unpack_ends_with_job_cancelled_and_leaves_nothing(
+        registry: Registry, agentlets: Callable[..., Agentlet]) -> None:
+    """WIRE-12: TASK_CANCEL mid-unpack stops the build within a chunk; a TASK_RESULT JobCancelled
+    follows; no artifact, no scratch (IMG-21)."""
+    big = layer([File(f"zeros{i}", b"\0" * (64 << 20)) for i in range(4)])  # 256 MiB, tiny gzip
+    ref = push(registry, oci.image([big]), "test/big", "1")
+    a = agentlets("agent", registry)
+    task_id = "tsk-" + "5" * 24
+
+    async def main() -> TaskResult:
+        runner = TaskRunner(a.catalog, a.service.handlers(), progress_interval=0.05)
+        seen: list[Any] = []
+        done = asyncio.Event()
+
+        async def send(msg: Any) -> bool:
+            seen.append(msg)
+            if isinstance(msg, TaskProgress) and msg.progress["phase"] == "UNPACKING":
+                await runner.on_cancel(TaskCancel(msg_id="c-1", task_id=task_id))
+            if isinstance(msg, TaskResult):
+                done.set()
+            return True
+
+        runner.attach(send)
+        await runner.on_task(Task(
+            msg_id="b-1", task_id=task_id, op="BUILD_ARTIFACT",
+            args={"artifact_id": ART, "image": ref, "writable_size": 0}, deadline=0))
+        await asyncio.wait_for(done.wait(), 120)
+        return next(m for m in seen if isinstance(m, TaskResult))
+
+    result = asyncio.run(main())
+    assert not result.ok and result.error["name"] == "JobCancelled", result.error
+    assert a.catalog.get(ARTIFACT_KIND, ART) is None
+    assert list((a.state / "store" / "work").iterdir()) == []

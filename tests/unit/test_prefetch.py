@@ -65,3 +65,19 @@ def test_read_ahead_is_bounded_and_close_stops_an_endless_source() -> None:
     p.close()  # must return although the source never ends
     assert src.reads <= 4 + 3  # depth chunks queued, one being handed over, one consumed
 
+
+
+def test_check_stops_the_consumer_mid_stream() -> None:
+    """WIRE-12/14: a cancelled task's unpack stops within a chunk, with the task's reason."""
+    from protocol.errors import JobCancelled
+    stop = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise JobCancelled("task cancelled")
+
+    with Prefetch(Counting(), chunk=1024, depth=2, check=check) as p:
+        assert p.read(1024)
+        stop.set()
+        with pytest.raises(JobCancelled):
+            p.read(10 << 20)
