@@ -5,6 +5,7 @@ to the database, so they run as tasks and a database wait never stalls heartbeat
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import zmq.asyncio
@@ -20,6 +21,7 @@ from .mirror import CatalogMirrors
 from .nodes import NodeRegistry
 from .peers import PeerTable
 from .router import RouterEndpoint
+from .tasks import TaskDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,18 @@ class AgentEndpoint(RouterEndpoint):
         self.reg = registry
         self.mirrors = CatalogMirrors(registry)
         self.keys = keys  # None without CURVE (loopback tests): identities are trusted as given
+        self.tasks: TaskDispatcher | None = None  # set by the server (WIRE-12)
 
     async def _hello(self, msg: Hello, key: str | None) -> Message:
         if self.keys is not None:
             if key is None:
                 raise Unauthorized("no CURVE key on this connection", {})
             await self.keys.on_hello(key, msg.node_id)  # NodeKeyPending / Unauthorized (SEC-3, NODE-1)
-        return await self.reg.hello(msg)
+        welcome = await self.reg.hello(msg)
+        if self.tasks is not None:
+            # After the WELCOME reply is out (this coroutine's caller sends it first): WIRE-11.
+            asyncio.get_running_loop().call_soon(self.tasks.on_session, msg.node_id)
+        return welcome
 
     def on_message(self, ident: bytes, msg: Message, key: str | None) -> None:
         node_id = ident.decode("ascii", "replace")
@@ -70,7 +77,10 @@ class AgentEndpoint(RouterEndpoint):
             self.reg.session(node_id, msg.session_id)  # runtime refs arrive with the snapshot issue
         elif isinstance(msg, (TaskAccepted, TaskProgress, TaskResult)):
             self.reg.touch(node_id)
-            log.info("node %s: %s for unknown task %s ignored", node_id, msg.TYPE, msg.task_id)
+            if self.tasks is not None:
+                self.tasks.on_message(node_id, msg)
+            else:
+                log.info("node %s: %s for unknown task %s ignored", node_id, msg.TYPE, msg.task_id)
         elif isinstance(msg, Error):
             self.reg.touch(node_id)
             log.info("node %s: error %s %s", node_id, msg.name, msg.message)

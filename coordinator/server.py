@@ -27,6 +27,7 @@ from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
 from .peers import PeerTable
 from .security import CurveServer
+from .tasks import TaskDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class Coordinator:
             self.curve.serve(agent_sock, "agents")
         agent_sock.bind(cfg.coordinator.agent_endpoint)
         self.agents = AgentEndpoint(agent_sock, self.registry, cfg.codec.limits(), self.peers, self.keys)
+        self.dispatcher = TaskDispatcher(self.registry, accept_timeout=float(cfg.task.accept_timeout),
+                                         resend=cfg.task.resend)
+        self.dispatcher.attach(self.agents)
+        self.agents.tasks = self.dispatcher
 
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
