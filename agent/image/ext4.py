@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from protocol.canonical import canonical_json
 from protocol.config import BuildConfig
+from protocol.fingerprints import image_fingerprint, image_fingerprint_doc
 from protocol.errors import BuilderPreflightFailed, Ext4BuildFailed, JobCancelled
 
 __all__ = [
@@ -191,14 +191,9 @@ def size_tree(root: Path, writable: int, cfg: BuildConfig) -> Sizing:
 
 # -- identity (IMG-19, IMG-20) ---------------------------------------------------------------
 
-def fingerprint_doc(manifest_digest: str, writable_size: int) -> dict:
-    return {"v": 1, "kind": "image", "manifest_digest": manifest_digest, "writable_size": int(writable_size),
-            "build": {"fs": "ext4", "block_size": BLOCK, "layout": 1}}
-
-
-def fingerprint(manifest_digest: str, writable_size: int) -> str:
-    """IMG-19: sha256 hex of the canonical JSON of the build-defining inputs."""
-    return hashlib.sha256(canonical_json(fingerprint_doc(manifest_digest, writable_size))).hexdigest()
+# IMG-19: one definition for agents and the coordinator (protocol/fingerprints.py).
+fingerprint_doc = image_fingerprint_doc
+fingerprint = image_fingerprint
 
 
 def fs_uuid(fp: str) -> str:
