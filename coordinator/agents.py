@@ -13,9 +13,10 @@ import zmq.asyncio
 from protocol import codec
 from protocol.errors import MalformedMessage, Unauthorized, UnsupportedMessage
 from protocol.message import Message
-from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Heartbeat, HeartbeatAck, Hello, RuntimeRefs,
-                               TaskAccepted, TaskProgress, TaskResult, Versions)
+from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, GrantAck, Heartbeat, HeartbeatAck, Hello,
+                               RuntimeRefs, TaskAccepted, TaskProgress, TaskResult, TokenRequest, Versions)
 
+from .grants import Grants
 from .keys import KeyRegistry
 from .mirror import CatalogMirrors
 from .nodes import NodeRegistry
@@ -38,6 +39,7 @@ class AgentEndpoint(RouterEndpoint):
         self.mirrors = CatalogMirrors(registry)
         self.keys = keys  # None without CURVE (loopback tests): identities are trusted as given
         self.tasks: TaskDispatcher | None = None  # set by the server (WIRE-12)
+        self.grants: Grants | None = None        # set by the server (DIST-4, DIST-5)
 
     async def _hello(self, msg: Hello, key: str | None) -> Message:
         if self.keys is not None:
@@ -81,6 +83,15 @@ class AgentEndpoint(RouterEndpoint):
                 self.tasks.on_message(node_id, msg)
             else:
                 log.info("node %s: %s for unknown task %s ignored", node_id, msg.TYPE, msg.task_id)
+        elif isinstance(msg, GrantAck):
+            self.reg.touch(node_id)
+            if self.grants is not None:
+                self.grants.on_ack(node_id, msg)
+        elif isinstance(msg, TokenRequest):
+            self.reg.touch(node_id)
+            if self.grants is None:
+                raise UnsupportedMessage("transfers are not served here", {"type": msg.TYPE})
+            self.spawn(ident, msg.msg_id, self.grants.on_token_request(node_id, msg))
         elif isinstance(msg, Error):
             self.reg.touch(node_id)
             log.info("node %s: error %s %s", node_id, msg.name, msg.message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import zmq
@@ -27,7 +28,13 @@ from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
 from .peers import PeerTable
 from .security import CurveServer
+from .grants import Grants
+from .jobs.runner import JobRunner
+from .jobs.store import JobStore
 from .tasks import TaskDispatcher
+from .templates.create_job import CreateJob, Services, bind
+from .templates.fleet import Fleet, StorageLimits
+from .templates.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,18 @@ class Coordinator:
                                          resend=cfg.task.resend)
         self.dispatcher.attach(self.agents)
         self.agents.tasks = self.dispatcher
+        self.grants = Grants(self.agents.reply, self.keys, ttl_s=float(cfg.transfer.token_ttl))
+        self.agents.grants = self.grants
+        # Templates and jobs (issue 5): the store, the template services and the step runner.
+        self.jobs = JobStore(self.engine, progress_flush=float(cfg.job.progress_flush))
+        st = cfg.storage
+        self.template_services = Services(
+            fleet=Fleet(self.registry, self.engine, StorageLimits(st.warn, st.reject, st.delete_only)),
+            rows=Rows(self.engine, self.jobs.now_ms), grant=self.grants.grant,
+            per_source=cfg.dist.per_source, max_attempts=cfg.dist.max_attempts,
+            space_reserve=int(cfg.dist.space_reserve))
+        self.runner = JobRunner(self.jobs, self.dispatcher, owner=f"coord-{secrets.token_hex(4)}",
+                                types=[bind(CreateJob, self.template_services)])
 
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
@@ -104,13 +123,15 @@ class Coordinator:
         admin_sock.bind(cfg.coordinator.admin_endpoint)
         secure_ipc_socket(cfg.coordinator.admin_endpoint, gid)
         ctx = AdminContext(config=cfg, engine=self.engine, nodes=self.registry, events=self.events,
-                           peers=self.peers, keys=self.keys)
+                           peers=self.peers, keys=self.keys, jobs=self.jobs, templates=self.template_services,
+                           wake_jobs=self.runner.wake)
         self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
 
         self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
                       "admin": admin_sock.getsockopt_string(zmq.LAST_ENDPOINT),
                       "events": ev_sock.getsockopt_string(zmq.LAST_ENDPOINT)}
         self.lease = LeaseLoop(self.registry)
+        await self.runner.start()  # RUNNING jobs resume at their persisted step, PENDING ones start (TPL-31)
         for coro in (self.agents.run(), self.admin.run(), self.lease.run(),
                      FlushLoop(self.registry, cfg.heartbeat.last_seen_flush).run()):
             self.tasks.append(asyncio.ensure_future(coro))
@@ -126,6 +147,8 @@ class Coordinator:
 
     async def stop(self) -> None:
         daemon.sd_notify("STOPPING=1")
+        if getattr(self, "runner", None) is not None:
+            await self.runner.stop()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

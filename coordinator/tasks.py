@@ -69,8 +69,8 @@ class TaskDispatcher:
 
     # --- the caller's side ---------------------------------------------------------------
 
-    async def run_task(self, node_id: str, op: str, args: dict[str, Any], task_id: str, *,
-                       on_progress: ProgressFn | None = None, deadline_ms: int = 0) -> dict[str, Any]:
+    async def run_task(self, node_id: str, op: str, args: dict[str, Any], task_id: str,
+                       on_progress: ProgressFn | None = None, *, deadline_ms: int = 0) -> dict[str, Any]:
         if task_id in self._inflight:  # the same step twice (a resumed job): share the outcome
             return _unwrap(await asyncio.shield(self._inflight[task_id].result))
         loop = asyncio.get_running_loop()
@@ -141,6 +141,12 @@ class TaskDispatcher:
             log.info("task %s (%s) on %s: TASK_CANCEL (%s)", task_id, entry.op, entry.node_id, why)
             self.sender.reply(entry.node_id.encode(),
                               TaskCancel(msg_id=f"{self._prefix}-{next(self._n)}", task_id=task_id))
+
+    async def cancel_task(self, node_id: str, task_id: str) -> None:
+        """TPL-32: ask the agent to stop a task; its TASK_RESULT (JobCancelled) still follows."""
+        entry = self._inflight.get(task_id)
+        if entry is not None and entry.node_id == node_id:
+            self._cancel(task_id, entry, "job cancelled")
 
     # --- the agent endpoint's side ---------------------------------------------------------
 

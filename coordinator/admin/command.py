@@ -35,6 +35,7 @@ class Arg:
     choices: tuple[str, ...] | None = None
     flag: bool = False          # a boolean switch (--wait)
     metavar: str | None = None
+    cli: bool = True            # False: on the wire only, filled by ``client_args`` (e.g. credentials)
 
     @property
     def option(self) -> str:
@@ -61,6 +62,17 @@ class Command:
         if cls.mutating:
             return cls.args + (Arg("request_id", "idempotency key; tcctl generates one if absent", REQUEST_ID),)
         return cls.args
+
+    @classmethod
+    def client_args(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Runs in tcctl before validation: turn CLI-only inputs (a password read from stdin or
+        a file) into wire arguments. Default: unchanged."""
+        return raw
+
+    @classmethod
+    def cli_only(cls) -> tuple[str, ...]:
+        """Argument names the CLI parses that ``client_args`` consumes (never sent)."""
+        return ()
 
     @classmethod
     def validate(cls, raw: dict[str, Any]) -> dict[str, Any]:

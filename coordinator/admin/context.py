@@ -9,6 +9,8 @@ if TYPE_CHECKING:
 
     from ..config import CoordinatorConfig
     from ..events import EventBus
+    from ..jobs.store import JobStore
+    from ..templates.create_job import Services
     from ..keys import KeyRegistry
     from ..nodes import NodeRegistry
     from ..peers import PeerTable
@@ -22,5 +24,8 @@ class AdminContext:
     events: "EventBus"
     peers: "PeerTable"
     keys: "KeyRegistry | None" = None  # None when security.curve is off
+    jobs: "JobStore | None" = None                 # templates and jobs (issue 5)
+    templates: "Services | None" = None
+    wake_jobs: Callable[[], None] = lambda: None    # a new job: let the runner pick it up now
     # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
     progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

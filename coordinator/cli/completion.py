@@ -39,6 +39,8 @@ def bash_script(registry: dict[str, type[Command]], prog: str = "tcctl") -> str:
         k = _key(group, verb)
         opts = list(COMMON_OPTS)
         for a in cls.all_args():
+            if not a.cli:
+                continue
             if a.positional:
                 if (a.metavar or "").upper() == "NODE" or a.name == "node":
                     body.append(f"_tcctl_nodearg_{k}=1")

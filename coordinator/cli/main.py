@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = by_group[group].add_parser(verb, parents=[common], help=cls.summary, description=cls.summary)
         sp.set_defaults(command=name)
         for a in cls.all_args():
+            if not a.cli:
+                continue
             if a.positional:
                 sp.add_argument(a.name, metavar=a.metavar or a.name.upper(), help=a.help,
                                 nargs=None if a.required else "?")
@@ -155,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     cls: type[Command] = REGISTRY[ns.command]
     raw = {a.name: getattr(ns, a.name) for a in cls.all_args() if getattr(ns, a.name, None) is not None}
+    try:
+        raw = cls.client_args(raw)
+    except InvalidRequest as exc:
+        if ns.json:
+            _emit_json({"error": exc.to_wire()})
+            return EXIT_USAGE
+        return _usage(exc.message, False)
     generated_rid = None
     if cls.mutating and "request_id" not in raw:
         generated_rid = raw["request_id"] = ids.new_request_id()

@@ -1,0 +1,178 @@
+"""Short transactions on template, artifact, replica and placement rows for the template jobs
+(TPL-8 to TPL-17, DIST-2, DIST-6, DIST-7). Every function is one transaction; none waits on
+an agent (STYLE 8). Status changes go through ``coordinator.jobs.transitions``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from protocol.errors import Internal
+
+from ..db.models import Artifact, Job, Placement, Replica, Template
+from ..jobs import transitions as tr
+
+A, R, P, T, J = Artifact.__table__, Replica.__table__, Placement.__table__, Template.__table__, Job.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    outcome: str            # "adopt" | "claimed" | "wait"
+    generation: int = 0
+    owner_job_id: str = ""  # for "wait": the job building it
+
+
+class Rows:
+    def __init__(self, engine: Engine, clock: Callable[[], int]) -> None:
+        self.sessions = sessionmaker(engine)
+        self.now_ms = clock
+
+    # --- artifacts (TPL-8, TPL-9, TPL-12) -------------------------------------------------
+
+    def artifact(self, artifact_id: str) -> dict[str, Any] | None:
+        with self.sessions() as s:
+            row = s.execute(select(A).where(A.c.id == artifact_id)).mappings().first()
+            return dict(row) if row else None
+
+    def claim_artifact(self, artifact_id: str, fingerprint: str, job_id: str, *, has_copy: bool,
+                       manifest_digest: str) -> Claim:
+        """Adopt a READY row with a surviving copy, wait for a live build, else claim (BUILDING,
+        owner = this job, generation + 1). A claim this job already holds is kept (a resumed step)."""
+        for _ in range(3):
+            with self.sessions.begin() as s:
+                row = s.execute(select(A).where(A.c.id == artifact_id)).mappings().first()
+                if row is None:
+                    try:
+                        with s.begin_nested():
+                            s.execute(insert(A).values(
+                                id=artifact_id, kind="rootfs", fingerprint=fingerprint, status=tr.BUILDING,
+                                owner_job_id=job_id, generation=1, manifest_digest=manifest_digest,
+                                created_ms=self.now_ms(), updated_ms=self.now_ms()))
+                        return Claim("claimed", 1)
+                    except IntegrityError:
+                        continue  # another job inserted it first: read it again
+                if row["status"] == tr.READY and has_copy:
+                    return Claim("adopt", row["generation"])
+                if row["status"] == tr.BUILDING:
+                    if row["owner_job_id"] == job_id:
+                        return Claim("claimed", row["generation"])
+                    owner = s.execute(select(J.c.status).where(J.c.id == row["owner_job_id"])).scalar()
+                    if owner in tr.JOB_ACTIVE:
+                        return Claim("wait", row["generation"], row["owner_job_id"])
+                    # The owner ended without registering: its claim is void (TPL-9), re-claim via ORPHANED.
+                    tr.transition_artifact(s, artifact_id, tr.BUILDING, tr.ORPHANED)
+                    row = dict(row, status=tr.ORPHANED)
+                if tr.transition_artifact(s, artifact_id, row["status"], tr.BUILDING, owner_job_id=job_id,
+                                          manifest_digest=manifest_digest):
+                    gen = s.execute(select(A.c.generation).where(A.c.id == artifact_id)).scalar_one()
+                    return Claim("claimed", gen)
+        raise Internal(f"could not claim artifact {artifact_id}", {"artifact_id": artifact_id})
+
+    def register_artifact(self, artifact_id: str, job_id: str, generation: int, *, sha256: str, size: int,
+                          files: list[Any], image_config: dict[str, Any], builder: str, gc_ttl_ms: int) -> bool:
+        """TPL-12: BUILDING→READY fenced on (owner, generation), and the builder's placement."""
+        now = self.now_ms()
+        with self.sessions.begin() as s:
+            ok = tr.transition_artifact(s, artifact_id, tr.BUILDING, tr.READY, expect_owner=job_id,
+                                        expect_generation=generation, sha256=sha256, size=size, files=files,
+                                        image_config=image_config, gc_deadline_ms=now + gc_ttl_ms, now=now)
+            if ok:
+                self._placement(s, artifact_id, builder, now)
+            return ok
+
+    def fail_artifact(self, artifact_id: str, job_id: str) -> None:
+        """A failed build's claim ends FAILED (a later claim may take it again, CONV-8)."""
+        with self.sessions.begin() as s:
+            tr.transition_artifact(s, artifact_id, tr.BUILDING, tr.FAILED, expect_owner=job_id)
+
+    def placements(self, artifact_id: str) -> list[str]:
+        """Nodes recorded with a verified copy (DIST-6): known at once from task results, before
+        the node's catalog mirror catches up."""
+        with self.sessions() as s:
+            return sorted(s.execute(select(P.c.node_id).where(P.c.artifact_id == artifact_id,
+                                                              P.c.verified.is_(True))).scalars())
+
+    def placement(self, artifact_id: str, node_id: str) -> None:
+        with self.sessions.begin() as s:
+            self._placement(s, artifact_id, node_id, self.now_ms())
+
+    def _placement(self, s: Session, artifact_id: str, node_id: str, now: int) -> None:
+        exists = s.execute(select(P.c.node_id).where(P.c.artifact_id == artifact_id, P.c.node_id == node_id)).first()
+        if exists is None:
+            s.execute(insert(P).values(artifact_id=artifact_id, node_id=node_id, verified=True, created_ms=now))
+        else:
+            s.execute(update(P).where(P.c.artifact_id == artifact_id, P.c.node_id == node_id).values(verified=True))
+
+    # --- replicas (DIST-2, DIST-6, DIST-7, CONV-9) ----------------------------------------------
+
+    def replica(self, template_id: str, node_id: str, **values: Any) -> None:
+        """Upsert one replica row; no failure of one replica undoes another's (DIST-7)."""
+        values["updated_ms"] = self.now_ms()
+        with self.sessions.begin() as s:
+            cur = s.execute(update(R).where(R.c.template_id == template_id, R.c.node_id == node_id)
+                            .values(**values)).rowcount
+            if not cur:
+                s.execute(insert(R).values(template_id=template_id, node_id=node_id, **values))
+
+    def replicas(self, template_id: str) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            return [dict(r) for r in s.execute(select(R).where(R.c.template_id == template_id)
+                                               .order_by(R.c.node_id)).mappings()]
+
+    # --- templates ------------------------------------------------------------------------------
+
+    def template(self, template_id: str) -> dict[str, Any] | None:
+        with self.sessions() as s:
+            row = s.execute(select(T).where(T.c.id == template_id)).mappings().first()
+            return dict(row) if row else None
+
+    def set_template(self, template_id: str, **values: Any) -> None:
+        values["updated_ms"] = self.now_ms()
+        with self.sessions.begin() as s:
+            s.execute(update(T).where(T.c.id == template_id).values(**values))
+
+    def publish(self, template_id: str, job_id: str, status: str, *, last_error: str = "",
+                runtime_config: dict[str, Any] | None = None) -> str:
+        """TPL-14, TPL-16, TPL-17: claim the requested alias (when the status is not FAILED) and
+        write the aggregate status in one transaction; a conflicting alias goes to the template
+        with the newer CREATE/REDO job, the loser publishes without it. Returns a warning ("" if none)."""
+        for attempt in range(2):
+            warning = ""
+            try:
+                with self.sessions.begin() as s:
+                    tpl = s.execute(select(T).where(T.c.id == template_id)).mappings().one()
+                    values: dict[str, Any] = {"last_error": last_error}
+                    if runtime_config is not None:
+                        values["runtime_config"] = runtime_config
+                    want = tpl["requested_alias"]
+                    if status != tr.FAILED and want and tpl["alias"] != want:
+                        holder = s.execute(select(T.c.id).where(T.c.alias == want, T.c.id != template_id)).scalar()
+                        if holder is not None and self._newer(s, holder, job_id):
+                            warning = f"alias {want} kept by {holder} (its job is newer)"
+                        else:
+                            if holder is not None:
+                                s.execute(update(T).where(T.c.id == holder).values(alias=None))
+                                warning = f"alias {want} taken over from {holder}"
+                            values["alias"] = want
+                    if not tr.transition_template(s, template_id, tpl["status"], status, **values):
+                        raise Internal(f"template {template_id} could not go {tpl['status']} → {status}",
+                                       {"template_id": template_id})
+                return warning
+            except IntegrityError:
+                if attempt:
+                    raise
+        return ""
+
+    @staticmethod
+    def _newer(s: Session, holder: str, job_id: str) -> bool:
+        """Whether ``holder``'s newest CREATE/REDO job is newer than ``job_id`` (TPL-16)."""
+        mine = s.execute(select(J.c.created_ms).where(J.c.id == job_id)).scalar() or 0
+        theirs = s.execute(select(J.c.created_ms).where(J.c.resource_id == holder,
+                                                        J.c.operation.in_(("CREATE", "REDO")))
+                           .order_by(J.c.created_ms.desc()).limit(1)).scalar() or 0
+        return theirs > mine
