@@ -1,0 +1,129 @@
+"""`tcctl template create` end to end (TPL-1 to TPL-17, TPL-29, TPL-33, IMG-4): a real
+coordinator process, real agents, images from a local oci-archive or the loopback registry."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import oci
+from tests.layers import Dir, File, layer
+from tests.support import REPO, Cluster, wait_for
+
+PASSWORD = "tpl-create-Secr3t-never-stored"
+
+
+def start(cluster: Cluster, nodes: list[str], imports: Path, *extra: str) -> None:
+    cluster.start_coordinator()
+    for n in nodes:
+        cluster.start_agent(n, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1", *extra])
+    wait_for(lambda: all(cluster.health().get(n) == "READY" for n in nodes), 30, f"{nodes} READY")
+
+
+def archive(imports: Path, name: str = "img.tar", marker: bytes = b"hi\n") -> str:
+    imports.mkdir(exist_ok=True)
+    img = oci.image([layer([Dir("etc"), File("etc/hello", marker)])],
+                    config={"Cmd": ["/bin/sh", "-c", "sleep 1"], "Env": ["A=1"], "ExposedPorts": {"80/tcp": {}}})
+    oci.write_oci_archive(imports / name, img, tag="v1")
+    return f"oci-archive:{imports / name}:v1"
+
+
+def build_tasks(cluster: Cluster, node: str) -> int:
+    """BUILD_ARTIFACT task records in an agent's catalog (WIRE-13: one per task id)."""
+    db = cluster.root / "agents" / node / "catalog.db"
+    with sqlite3.connect(db) as c:
+        return sum(1 for (body,) in c.execute("SELECT body FROM entries WHERE kind='task'")
+                   if json.loads(body).get("op") == "BUILD_ARTIFACT")
+
+
+@pytest.fixture
+def imports(tmp_path: Path) -> Path:
+    return tmp_path / "import"
+
+
+def test_create_from_a_local_archive_ready_with_alias_and_views(cluster: Cluster, imports: Path) -> None:
+    """TPL-4, TPL-13, TPL-14, TPL-16, TPL-29, TPL-30, TPL-33."""
+    ref = archive(imports)
+    start(cluster, ["node-a"], imports)
+    rc, doc = cluster.tcctl("template", "create", "--image", ref, "--builder", "node-a", "--alias", "hello",
+                            "--ports", "22", "--env", "B=2", "--wait", timeout=90)
+    assert rc == 0, doc
+    job = doc["job"]
+    assert (job["status"], job["phase"], job["progress"], job["error"]) == ("READY", "READY", 100, None)
+    assert job["builder_node_id"] == "node-a" and job["artifact_id"].startswith("art-")
+    rc, shown = cluster.tcctl("template", "show", "hello")
+    assert rc == 0, shown
+    t = shown["template"]
+    assert t["template_id"] == doc["template_id"] and t["status"] == "READY" and t["alias"] == "hello"
+    assert [(r["node_id"], r["status"], r["phase"]) for r in t["replicas"]] == [("node-a", "READY", "READY")]
+    assert t["replicas"][0]["pins"]["agent"]
+    rc_cfg = t["runtime_config"]
+    assert rc_cfg["cmd"] == ["/bin/sh", "-c", "sleep 1"] and rc_cfg["env"] == ["A=1", "B=2"]
+    assert rc_cfg["ports"] == ["22/tcp", "80/tcp"] and rc_cfg["user"] == "0:0" and rc_cfg["workdir"] == "/"
+    rc, listed = cluster.tcctl("template", "list")
+    assert rc == 0 and listed["templates"][0]["replicas"] == {"ready": 1, "total": 1}
+    rc, jobs = cluster.tcctl("job", "list", "--template", "hello")
+    assert rc == 0 and [j["job_id"] for j in jobs["jobs"]] == [job["job_id"]]
+    art = cluster.root / "agents" / "node-a" / "store" / "artifacts" / job["artifact_id"] / "rootfs.ext4"
+    assert art.exists()
+
+
+def test_idempotency_and_a_second_template_adopts_the_build(cluster: Cluster, imports: Path) -> None:
+    """TPL-5: the same request id and payload → the same job; another payload →
+    TemplateAttemptInProgress; TPL-8/TPL-9: two templates of one image → one build."""
+    ref = archive(imports)
+    start(cluster, ["node-a"], imports)
+    args = ["template", "create", "--image", ref, "--builder", "node-a", "--request-id", "req-1"]
+    rc, first = cluster.tcctl(*args, "--wait", timeout=90)
+    assert rc == 0 and first["job"]["status"] == "READY", first
+    rc, again = cluster.tcctl(*args)
+    assert rc == 0 and again["job"]["job_id"] == first["job"]["job_id"] and again["created"] is False
+    rc, other = cluster.tcctl(*args, "--vcpus", "2")
+    assert rc == 1 and other["error"]["name"] == "TemplateAttemptInProgress"
+    assert other["error"]["message"] == "request_id req-1 already used with a different payload"
+    rc, second = cluster.tcctl("template", "create", "--image", ref, "--builder", "node-a", "--wait", timeout=90)
+    assert rc == 0 and second["job"]["status"] == "READY", second
+    assert second["job"]["artifact_id"] == first["job"]["artifact_id"]
+    assert second["template_id"] != first["template_id"]
+    assert build_tasks(cluster, "node-a") == 1
+
+
+def test_failed_build_fails_the_job_and_the_template(cluster: Cluster, imports: Path) -> None:
+    """CONV-5, TPL-15: an image that is not there → the job FAILED at 100 with the agent's error;
+    the template FAILED with the message; nothing claimed stays BUILDING."""
+    imports.mkdir()
+    start(cluster, ["node-a"], imports)
+    rc, doc = cluster.tcctl("template", "create", "--image", f"oci-archive:{imports}/missing.tar:v1",
+                            "--builder", "node-a", "--wait", timeout=60)
+    assert rc == 0, doc
+    job = doc["job"]
+    assert job["status"] == "FAILED" and job["progress"] == 100 and job["error"]["name"] == "ImageNotFound"
+    rc, shown = cluster.tcctl("template", "show", doc["template_id"])
+    assert shown["template"]["status"] == "FAILED" and shown["template"]["last_error"]
+
+
+def test_registry_credentials_stay_in_memory(cluster: Cluster, imports: Path,
+                                             registry_factory: Any) -> None:
+    """IMG-3, IMG-4: a basic-auth registry; the password goes from tcctl's stdin to the builder and
+    appears in no job row, template row, log or task record."""
+    reg = registry_factory("basic", users={"puller": PASSWORD})
+    reg.push("team/app", "1", oci.image([layer([File("f", b"x")])]), auth=("puller", PASSWORD))
+    imports.mkdir()
+    start(cluster, ["node-a"], imports, f'image.insecure_registries=["{reg.host}"]')
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli.main", "template", "create", "--image",
+                        f"{reg.host}/team/app:1", "--username", "puller", "--password-stdin", "--wait", "--json",
+                        "--endpoint", cluster.admin, "--timeout", "90"], input=PASSWORD + "\n", capture_output=True,
+                       text=True, cwd=REPO, env=cluster.env(), timeout=150)
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["job"]["status"] == "READY", doc
+    texts = [r.stdout, r.stderr, cluster.coordinator.output(), cluster.agents["node-a"].output()]
+    texts += [p.read_bytes().decode("latin-1") for p in cluster.root.rglob("*.db*") if p.is_file()]
+    for text in texts:
+        assert PASSWORD not in text
+    rc, bad = cluster.tcctl("template", "create", "--image", f"{reg.host}/team/app:1", "--wait", timeout=60)
+    assert rc == 0 and bad["job"]["error"]["name"] == "ImageAuthFailed", bad
