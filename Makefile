@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # docker-registry, apache2-utils (htpasswd) and debootstrap serve the image tests (issue 4).
-DEB_PACKAGES := python3-venv postgresql systemd e2fsprogs iproute2 procps docker-registry apache2-utils debootstrap
+DEB_PACKAGES := python3-venv postgresql systemd e2fsprogs iproute2 procps docker-registry apache2-utils debootstrap busybox-static
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps demo demo-stop test test-fast bench clean

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """`make demo`: a coordinator (SQLite under ./.demo/) and three agents on loopback.
 
-Shows the node lifecycle: the agents join, turn READY, one is cordoned and uncordoned.
+Shows the node lifecycle (the agents join, turn READY, one is cordoned and uncordoned), then
+the main job: a small sample image (busybox, written as an OCI archive by the test OCI writer)
+becomes a template on all three agents — built once, copied agent to agent — and
+`tcctl template show` lists its READY replicas.
 On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
 `make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
 """
@@ -82,6 +85,25 @@ def stop_pids() -> None:
     PIDS.unlink()
 
 
+def sample_image() -> str:
+    """An oci-archive with busybox (static, from the busybox-static package) and a few files."""
+    sys.path.insert(0, str(ROOT))
+    from tests import oci
+    from tests.layers import Dir, File, Symlink, layer
+    busybox = Path("/bin/busybox")
+    files = [Dir("bin"), Dir("etc"), Dir("tmp", mode=0o1777),
+             File("etc/os-release", b"NAME=templatecenter-demo\nID=tc-demo\n"),
+             File("etc/motd", b"built by make demo\n")]
+    if busybox.exists():
+        files += [File("bin/busybox", busybox.read_bytes(), mode=0o755), Symlink("bin/sh", "busybox")]
+    img = oci.image([layer(files), layer([File("etc/motd", b"built by make demo, layer 2\n")])],
+                    config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+    (DEMO / "import").mkdir(parents=True, exist_ok=True)
+    path = DEMO / "import" / "sample.tar"
+    oci.write_oci_archive(path, img, tag="v1")
+    return f"oci-archive:{path}:v1"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stop", action="store_true", help="stop a running demo")
@@ -124,7 +146,7 @@ def main() -> int:
                 **common, "agent.node_id": node, "agent.state_dir": f"{DEMO}/agents/{node}",
                 "agent.coordinators": f"tcp://127.0.0.1:{agent_port}", "agent.blob_endpoint": "tcp://127.0.0.1:*",
                 "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none",
-                "agent.coordinator_keys": coord_key})]
+                "agent.coordinator_keys": coord_key, "image.local_roots": f'["{DEMO}/import"]'})]
             print(f"demo: starting agent {node}", flush=True)
             procs[node] = subprocess.Popen(argv, cwd=ROOT, stdout=open(DEMO / f"agent-{node}.log", "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,6 +158,12 @@ def main() -> int:
         show("node", "list", "--admin", "CORDONED")
         show("node", "uncordon", "demo-3", "--request-id", "demo-uncordon")
         show("node", "show", "demo-1")
+        image = sample_image()
+        print(f"demo: the main job: a template from {image}, built on demo-1, on all three agents", flush=True)
+        show("template", "create", "--image", image, "--builder", "demo-1", "--alias", "demo", "--wait",
+             "--request-id", f"demo-create-{int(time.time())}")
+        show("template", "show", "demo")
+        show("job", "list")
         if sys.stdin.isatty():
             print(f"\ndemo: running. Try `.venv/bin/tcctl node list --endpoint {ADMIN}`. "
                   "Ctrl-C stops everything (or `make demo-stop` from another shell).", flush=True)

@@ -127,3 +127,31 @@ def test_registry_credentials_stay_in_memory(cluster: Cluster, imports: Path,
         assert PASSWORD not in text
     rc, bad = cluster.tcctl("template", "create", "--image", f"{reg.host}/team/app:1", "--wait", timeout=60)
     assert rc == 0 and bad["job"]["error"]["name"] == "ImageAuthFailed", bad
+
+
+def test_create_on_three_agents_distributes_agent_to_agent(cluster: Cluster, imports: Path) -> None:
+    """TPL-13, DIST-2 to DIST-7: built once on the builder, fetched by the two other agents; the
+    ext4 has the same sha256 on every node; three READY replicas with pins; placements for all."""
+    import hashlib
+    import os
+    imports.mkdir()
+    img = oci.image([layer([Dir("etc"), File("etc/hello", b"hi\n"), File("blob", os.urandom(6 << 20))])])
+    oci.write_oci_archive(imports / "img.tar", img, tag="v1")
+    nodes = ["node-a", "node-b", "node-c"]
+    start(cluster, nodes, imports)
+    rc, doc = cluster.tcctl("template", "create", "--image", f"oci-archive:{imports}/img.tar:v1",
+                            "--builder", "node-a", "--writable-size", "64MiB", "--wait", timeout=120)
+    assert rc == 0 and doc["job"]["status"] == "READY", doc
+    assert doc["job"]["nodes"] == {"expected": 3, "ready": 3, "failed": 0, "pending": 0}
+    rc, shown = cluster.tcctl("template", "show", doc["template_id"])
+    reps = shown["template"]["replicas"]
+    assert [(r["node_id"], r["status"], r["phase"]) for r in reps] == [(n, "READY", "READY") for n in nodes]
+    assert all(r["pins"]["agent"] for r in reps)
+    art = doc["job"]["artifact_id"]
+    digests = set()
+    for n in nodes:
+        path = cluster.root / "agents" / n / "store" / "artifacts" / art / "rootfs.ext4"
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        assert path.stat().st_blocks * 512 < path.stat().st_size  # still sparse after the copy
+    assert len(digests) == 1
+    assert build_tasks(cluster, "node-b") == build_tasks(cluster, "node-c") == 0
