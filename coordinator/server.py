@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 from typing import Any
 
 import zmq
@@ -44,6 +44,15 @@ def thresholds(cfg: CoordinatorConfig) -> Thresholds:
     return Thresholds(interval=hb.interval, max_rate=hb.max_rate, suspect_missed=hb.suspect_missed,
                       lease_missed=hb.lease_missed, lease_ttl_min=hb.lease_ttl_min,
                       failover_grace=hb.failover_grace)
+
+
+def runner_owner(cfg: CoordinatorConfig) -> str:
+    """A stable job owner per coordinator installation (host + state dir): after a restart the
+    same owner resumes its RUNNING jobs at once instead of waiting for their lease (TPL-31)."""
+    import hashlib
+    import socket
+    where = f"{socket.gethostname()}:{os.path.realpath(cfg.coordinator.state_dir)}"
+    return "coord-" + hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 class Coordinator:
@@ -114,7 +123,7 @@ class Coordinator:
             rows=Rows(self.engine, self.jobs.now_ms), grant=self.grants.grant,
             per_source=cfg.dist.per_source, max_attempts=cfg.dist.max_attempts,
             space_reserve=int(cfg.dist.space_reserve))
-        self.runner = JobRunner(self.jobs, self.dispatcher, owner=f"coord-{secrets.token_hex(4)}",
+        self.runner = JobRunner(self.jobs, self.dispatcher, owner=runner_owner(cfg),
                                 types=[bind(CreateJob, self.template_services)])
 
         admin_sock = self._socket(zmq.ROUTER)

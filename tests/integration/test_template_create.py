@@ -155,3 +155,32 @@ def test_create_on_three_agents_distributes_agent_to_agent(cluster: Cluster, imp
         assert path.stat().st_blocks * 512 < path.stat().st_size  # still sparse after the copy
     assert len(digests) == 1
     assert build_tasks(cluster, "node-b") == build_tasks(cluster, "node-c") == 0
+
+
+def test_coordinator_killed_mid_build_resumes_and_builds_once(cluster: Cluster, imports: Path) -> None:
+    """TPL-31: SIGKILL the coordinator while the builder works; after a restart the job resumes at
+    its persisted step, the re-sent BUILD task is answered from the agent's record (one build),
+    the job ends READY with exactly one artifact row."""
+    import os
+    imports.mkdir()
+    img = oci.image([layer([File(f"r{i}", os.urandom(32 << 20)) for i in range(6)])], compression="none")
+    oci.write_oci_archive(imports / "big.tar", img, tag="v1")
+    start(cluster, ["node-a", "node-b"], imports)
+    rc, doc = cluster.tcctl("template", "create", "--image", f"oci-archive:{imports}/big.tar:v1",
+                            "--builder", "node-a", "--writable-size", "0")
+    assert rc == 0, doc
+    job_id = doc["job"]["job_id"]
+
+    def phase() -> str:
+        rc, d = cluster.tcctl("job", "show", job_id)
+        return d["job"]["phase"] if rc == 0 else ""
+    wait_for(lambda: phase() in ("UNPACKING", "BUILDING_EXT4", "GENERATING_JSON") or build_tasks(cluster, "node-a"),
+             60, "the build to start")
+    cluster.coordinator.kill()
+    cluster.start_coordinator(migrate=False)
+    rc, done = cluster.tcctl("job", "watch", job_id, "--wait-timeout", "120s", timeout=150)
+    assert rc == 0 and done["job"]["status"] == "READY", done
+    assert done["job"]["nodes"]["ready"] == 2
+    assert build_tasks(cluster, "node-a") == 1
+    with sqlite3.connect(cluster.root / "agents" / "node-b" / "catalog.db") as c:
+        assert c.execute("SELECT count(*) FROM entries WHERE kind='artifact'").fetchone()[0] == 1
