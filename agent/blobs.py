@@ -1,32 +1,65 @@
-"""The agent's blob ROUTER (SPEC WIRE-16, GC-14): other agents fetch artifacts here.
+"""The agent's blob ROUTER (SPEC WIRE-16, DIST-4, SEC-6, GC-14): other agents fetch artifacts here.
 
-This version serves no artifact yet: a FETCH gets ERROR ArtifactNotFound (nothing is held),
-any other well-formed request ERROR UnsupportedMessage. The endpoint is still bound before
-READY=1 and advertised in HELLO, so the coordinator learns a real address from day one, and
-the error handling is the final one: frames that are not ``TC…`` are dropped and counted,
-``TC<n>`` gets UnsupportedProtocol and broken ``TC1`` frames MalformedMessage (WIRE-1, WIRE-5).
+A FETCH ``{msg_id, artifact_id, file, offset, length ≤ 1 MiB, token}`` is answered by one
+CHUNK ``{parent_id, artifact_id, file, offset, length, data, sha256, eof, zero}`` or one ERROR.
+Checks, in this order:
+
+1. the artifact is held here (a ``verified`` catalog entry of kind ``artifact``), else
+   ArtifactNotFound — asked first, so a FETCH for something this node does not hold gets the
+   same answer however incomplete it is;
+2. the FETCH is well formed (WIRE-3), else MalformedMessage naming the field;
+3. a live grant matches artifact, token and requester (see ``agent/grants.py`` for what is
+   matched with and without CURVE), else TransferTokenInvalid / TransferTokenExpired;
+4. ``file`` is one of the entry's ``files`` and ``offset`` lies inside it, else InvalidRequest.
+
+The bytes come from ``store/artifacts/<artifact_id>/<file>``: a path made of a validated id and
+a name the catalog lists, never of what the message says (SEC-7). Reads and digests run on a
+small thread pool of the server's own (``pread`` and ``hashlib`` release the GIL), so neither
+a slow disk nor a busy build stalls the loop; replies go out as they finish, in any order
+(each CHUNK names its offset). A range of zero bytes (a hole of a sparse ext4) travels as
+``zero=True`` with empty ``data``. Chunk digests are cached per (artifact, file, offset,
+length) — artifacts never change — so serving the same artifact to many targets (fan-out,
+DIST-3) hashes each chunk once.
+
+Frames that are not ``TC…`` are dropped and counted, ``TC<n>`` gets UnsupportedProtocol and
+broken ``TC1`` frames MalformedMessage (WIRE-1, WIRE-5). With CURVE on, a ZAP handler lets
+every key finish the handshake (the grant decides per FETCH) so the peer's key is known.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
+import functools
+import hashlib
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from protocol import codec
-from protocol.keys import KeyPair
+from protocol import codec, ids
 from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
-from protocol.errors import TCError, UnsupportedMessage, error_class
+from protocol.errors import InvalidRequest, TCError, UnsupportedMessage, error_class
+from protocol.keys import KeyPair
 from protocol.message import body_msg_id
-from protocol.messages import Error
+from protocol.messages import Chunk, Error, Fetch
 
+from .catalog import Catalog
 from .config import AgentConfig
+from .grants import GrantTable, short
 
 log = logging.getLogger("blobs")
 
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
+ARTIFACT_KIND = "artifact"
+ZAP_DOMAIN = "blobs"
+READ_THREADS = 4
+_DIGEST_CACHE_MAX = 1 << 16  # entries; 64 GiB of artifacts at 1 MiB chunks
 
 
 def advertised(bound: str, address: str) -> str:
@@ -39,21 +72,68 @@ def advertised(bound: str, address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
-class BlobServer:
-    """Owns the blob ROUTER; ``bind()`` before READY, then run ``serve()`` as a task."""
+@functools.lru_cache(maxsize=8)
+def zeros(n: int) -> bytes:
+    return bytes(n)
 
-    def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig, pair: "KeyPair | None" = None) -> None:
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(n: int) -> str:
+    return hashlib.sha256(zeros(n)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A FETCH that passed every check: read ``length`` bytes of ``path`` at ``offset``."""
+    identity: bytes
+    fetch: Fetch
+    path: Path
+    length: int
+    eof: bool
+
+
+class _AllowAll:
+    """ZAP credentials provider: every CURVE key may connect; grants decide what it gets."""
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return True
+
+
+class BlobServer:
+    """Owns the blob ROUTER; ``bind()`` before READY, then run ``serve()`` as a task.
+
+    Without a catalog and a grant table (a harness) every FETCH gets ArtifactNotFound."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: AgentConfig, pair: "KeyPair | None" = None, *,
+                 catalog: Catalog | None = None, grants: GrantTable | None = None) -> None:
         self._cfg = cfg
         self._limits = cfg.codec.limits()
+        self._catalog = catalog
+        self._grants = grants
+        self._artifacts = Path(cfg.agent.state_dir) / "store" / "artifacts"
         self._sock = ctx.socket(zmq.ROUTER)
         configure_socket(self._sock, hwm=cfg.zmq.hwm, linger=cfg.zmq.linger, max_frame=cfg.codec.max_frame)
-        if pair is not None:  # SEC-1: encrypted with this node's key; grants decide access (issue 5)
+        self._curve = pair is not None
+        self._auth: Any = None
+        if pair is not None:  # SEC-1: encrypted with this node's key; grants decide access
+            from zmq.auth.asyncio import AsyncioAuthenticator
+            self._auth = AsyncioAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(ZAP_DOMAIN, _AllowAll())
+            self._sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
             self._sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode())
             self._sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
             self._sock.setsockopt(zmq.CURVE_SERVER, 1)
         self.endpoint = ""
-        # reason -> count; per-peer counters and SEC-8 cool-down come with the transfer issue.
+        # reason -> count; per-peer counters and the SEC-8 cool-down are not kept here yet.
         self.counters: collections.Counter[str] = collections.Counter()
+        self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blob-read")
+        self._slots = asyncio.Semaphore(4 * READ_THREADS)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._digests: dict[tuple[str, str, int, int], tuple[str, bool]] = {}
+        self._corrupt_left = int(cfg.transfer.test_corrupt_chunks)
+        self._delay = float(cfg.transfer.test_chunk_delay)
+        self.served_bytes = 0
 
     def bind(self) -> str:
         """Bind ``agent.blob_endpoint`` (a ``*`` port picks a free one) and return the real endpoint."""
@@ -62,22 +142,41 @@ class BlobServer:
         return self.endpoint
 
     async def serve(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                reply = self._handle(frames)
-            except Exception:  # noqa: BLE001 — a bad request must never stop the blob server (WIRE-5)
-                log.exception("blob request handling failed")
-                self.counters["internal"] += 1
-                continue
-            if reply is not None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart(copy=False)
+                key: str | None = None
+                if self._curve:
+                    try:
+                        key = frames[0].get("User-Id")
+                    except zmq.ZMQError:
+                        key = None
+                raw = [f.bytes for f in frames]
                 try:
-                    await self._sock.send_multipart(reply, flags=zmq.DONTWAIT)
-                except zmq.ZMQError as exc:  # peer gone or its queue full: nothing to do
-                    self.counters["reply_dropped"] += 1
-                    log.debug("blob reply dropped: %s", exc)
+                    reply = self._handle(raw, key)
+                except Exception:  # noqa: BLE001 — a bad request must never stop the blob server (WIRE-5)
+                    log.exception("blob request handling failed")
+                    self.counters["internal"] += 1
+                    continue
+                if isinstance(reply, _Read):
+                    await self._slots.acquire()  # back-pressure: stop reading requests while full
+                    task = asyncio.create_task(self._serve_read(reply))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                elif reply is not None:
+                    await self._reply(reply)
+        finally:
+            for task in list(self._inflight):
+                task.cancel()
 
-    def _handle(self, frames: list[bytes]) -> list[bytes] | None:
+    async def _reply(self, frames: list[bytes]) -> None:
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: nothing to do
+            self.counters["reply_dropped"] += 1
+            log.debug("blob reply dropped: %s", exc)
+
+    def _handle(self, frames: list[bytes], key: str | None) -> list[bytes] | _Read | None:
         try:
             env = parse(frames, router=True, limits=self._limits)
         except FrameDropped as exc:
@@ -88,22 +187,101 @@ class BlobServer:
             self.counters[exc.name] += 1
             return Error.of(exc).to_frames(bytes(frames[0]))
         parent = body_msg_id(env)
+        assert env.identity is not None
         try:
             body = codec.decode(env.body, self._limits)
+            if env.msg_type != "FETCH":
+                raise UnsupportedMessage(f"the blob endpoint does not serve {env.msg_type}",
+                                         {"type": env.msg_type})
+            return self._check_fetch(env.identity, body, key)
         except TCError as exc:
             self.counters[exc.name] += 1
+            if exc.name.startswith("TransferToken"):
+                log.info("FETCH refused (%s): %s", exc.name, exc.message)
             return Error.of(exc, parent).to_frames(env.identity)
-        if env.msg_type == "FETCH":
-            art = body.get("artifact_id")
-            what = art if isinstance(art, str) else "requested"
-            err: TCError = error_class("ArtifactNotFound")(f"artifact {what[:64]} is not held by this node",
-                                            {"artifact_id": what[:64]})
-        else:
-            err = UnsupportedMessage(f"the blob endpoint does not serve {env.msg_type}",
-                                     {"type": env.msg_type})
-        self.counters[err.name] += 1
-        return Error.of(err, parent).to_frames(env.identity)
+
+    def _check_fetch(self, identity: bytes, body: dict[str, Any], key: str | None) -> _Read:
+        art = body.get("artifact_id")
+        entry = None
+        if self._catalog is not None and ids.valid("artifact", art):
+            entry = self._catalog.get(ARTIFACT_KIND, art)
+        if entry is None or entry["body"].get("state") != "verified" or self._grants is None:
+            what = art[:64] if isinstance(art, str) else "requested"
+            raise error_class("ArtifactNotFound")(f"artifact {what} is not held by this node",
+                                                  {"artifact_id": what})
+        fetch = Fetch.from_body(body)
+        assert isinstance(fetch, Fetch)
+        self._grants.check(fetch.artifact_id, fetch.token, key, identity)
+        size = next((f.get("size") for f in entry["body"].get("files") or ()
+                     if isinstance(f, dict) and f.get("name") == fetch.file), None)
+        if not isinstance(size, int):
+            raise InvalidRequest(f"artifact {fetch.artifact_id} has no file {fetch.file}",
+                                 {"field": "file", "reason": "unknown"})
+        if fetch.offset > size:
+            raise InvalidRequest(f"offset {fetch.offset} is past the end of {fetch.file} ({size} bytes)",
+                                 {"field": "offset", "reason": "range"})
+        length = min(fetch.length, size - fetch.offset)
+        return _Read(identity, fetch, self._artifacts / fetch.artifact_id / fetch.file, length,
+                     fetch.offset + length >= size)
+
+    async def _serve_read(self, job: _Read) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            try:
+                chunk = await loop.run_in_executor(self._pool, self._read, job)
+                self.served_bytes += job.length
+                frames = chunk.to_frames(job.identity)
+            except OSError as exc:  # the file vanished or the disk failed: the target tries elsewhere
+                log.warning("FETCH %s %s@%d failed: %s", job.fetch.artifact_id, job.fetch.file,
+                            job.fetch.offset, exc)
+                self.counters["read_failed"] += 1
+                err = error_class("ArtifactNotFound")(
+                    f"artifact {job.fetch.artifact_id} cannot be read on this node: {exc.strerror}",
+                    {"artifact_id": job.fetch.artifact_id})
+                frames = Error.of(err, job.fetch.msg_id).to_frames(job.identity)
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            await self._reply(frames)
+        finally:
+            self._slots.release()
+
+    def _read(self, job: _Read) -> Chunk:
+        """In a pool thread: the bytes, their digest (cached) and the zero flag."""
+        f = job.fetch
+        cache_key = (f.artifact_id, f.file, f.offset, job.length)
+        cached = self._digests.get(cache_key)
+        data = b""
+        if cached is None or not cached[1]:  # a cached zero range needs no read at all
+            fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, job.length, f.offset)
+            finally:
+                os.close(fd)
+            if len(data) != job.length:
+                raise OSError(5, f"short read ({len(data)} of {job.length} bytes)")
+        if cached is None:
+            zero = data == zeros(job.length)
+            cached = (zero_digest(job.length) if zero else hashlib.sha256(data).hexdigest(), zero)
+            if len(self._digests) >= _DIGEST_CACHE_MAX:
+                self._digests.clear()
+            self._digests[cache_key] = cached
+        digest, zero = cached
+        if zero:
+            data = b""
+        if self._corrupt_left > 0:  # test-only fault (transfer.test_corrupt_chunks)
+            self._corrupt_left -= 1
+            if zero:
+                data, zero = b"\x01" + zeros(job.length - 1) if job.length else b"", False
+            elif data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return Chunk(parent_id=f.msg_id, artifact_id=f.artifact_id, file=f.file, offset=f.offset,
+                     length=job.length, data=data, sha256=digest, eof=job.eof, zero=zero or None)
 
     def close(self, linger_ms: int) -> None:
         self._sock.close(linger=linger_ms)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._auth is not None:
+            self._auth.stop()
 
+
+__all__ = ["BlobServer", "advertised", "zeros", "zero_digest", "short"]

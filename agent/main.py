@@ -30,9 +30,12 @@ from . import facts as host
 from .blobs import BlobServer, advertised
 from .catalog import Catalog
 from .config import AgentConfig, load_config
+from .grants import GrantTable
 from .image.service import ImageService
 from .session import HelloInfo, Session
 from .tasks import TaskRunner
+from .replicas import Replicas
+from .transfer import TransferService
 
 log = logging.getLogger("agent")
 PROGRAM = "tc-agent"
@@ -123,7 +126,8 @@ class Agent:
                 pair = curve_keys.load_or_create(os.path.join(cfg.agent.state_dir, "keys"), "agent")
                 log.info("CURVE on: this node's key %s (public %s)", curve_keys.fingerprint(pair.public),
                          pair.public)
-            blobs = BlobServer(ctx, cfg, pair)
+            grants = GrantTable()
+            blobs = BlobServer(ctx, cfg, pair, catalog=catalog, grants=grants)
             try:
                 bound = blobs.bind()
             except zmq.ZMQError as exc:
@@ -138,12 +142,15 @@ class Agent:
             leftovers = await asyncio.to_thread(images.recover)
             if leftovers:
                 log.info("removed build leftovers of an earlier run: %s", ", ".join(leftovers[:10]))
-            runner = TaskRunner(catalog, images.handlers(), progress_interval=float(cfg.task.progress_interval),
+            # Fetches run in worker threads with plain sockets on the same libzmq context.
+            transfers = TransferService(cfg, catalog, grants, zmq.Context.shadow(ctx.underlying), pair, images.store)
+            runner = TaskRunner(catalog, {**images.handlers(), **transfers.handlers(), **Replicas(catalog).handlers()},
+                                progress_interval=float(cfg.task.progress_interval),
                                 retention=float(cfg.task.record_retention))
             pruned = runner.prune()
             if pruned:
                 log.info("pruned %d task records older than %gs (CAT-7)", pruned, float(cfg.task.record_retention))
-            session = Session(cfg, ctx, catalog, self.versions, info, pair=pair, tasks=runner)
+            session = Session(cfg, ctx, catalog, self.versions, info, pair=pair, tasks=runner, transfer=transfers)
             try:
                 return await self._supervise(session, blobs)
             finally:

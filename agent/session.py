@@ -20,7 +20,7 @@ import collections
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import zmq
 import zmq.asyncio
@@ -33,14 +33,18 @@ from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
 from protocol.errors import TCError, UnsupportedMessage
 from protocol.message import Message, decode_message
-from protocol.messages import (CatalogSnapshot, Error, Heartbeat, HeartbeatAck, Hello, RuntimeRefs, Task,
-                               TaskAccepted, TaskCancel, TaskResult, Versions, Welcome)
+from protocol.messages import (CatalogSnapshot, Error, Grant, Heartbeat, HeartbeatAck, Hello, Revoke,
+                               RuntimeRefs, Task, TaskAccepted, TaskCancel, TaskResult, TokenGrant, Versions,
+                               Welcome)
 
 from . import facts as host
 from .backoff import Backoff
 from .catalog import Catalog
 from .config import AgentConfig
 from .tasks import TaskRunner
+
+if TYPE_CHECKING:
+    from .transfer import TransferService
 
 log = logging.getLogger("session")
 _HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -113,9 +117,11 @@ class Session:
 
     def __init__(self, cfg: AgentConfig, ctx: zmq.asyncio.Context, catalog: Catalog,
                  versions: host.VersionsCache, info: HelloInfo, backoff: Backoff | None = None,
-                 pair: KeyPair | None = None, tasks: TaskRunner | None = None) -> None:
+                 pair: KeyPair | None = None, tasks: TaskRunner | None = None,
+                 transfer: "TransferService | None" = None) -> None:
         self._cfg = cfg
         self._tasks = tasks
+        self._transfer = transfer  # GRANT/REVOKE/TOKEN and TOKEN_REQUEST (DIST-4, DIST-5)
         self._ctx = ctx
         self._catalog = catalog
         self._versions = versions
@@ -301,11 +307,15 @@ class Session:
         if self._tasks is not None:
             # Task replies and progress go out on this session's socket until it ends (WIRE-12).
             self._tasks.attach(lambda msg: self._send(sock, msg))
+        if self._transfer is not None:
+            self._transfer.attach(lambda msg: self._send(sock, msg))
         try:
             return await self._session_loop(sock, endpoint, live)
         finally:
             if self._tasks is not None:
                 self._tasks.attach(None)
+            if self._transfer is not None:
+                self._transfer.attach(None)
 
     async def _session_loop(self, sock: zmq.asyncio.Socket, endpoint: str, live: _Live) -> Leave | None:
         loop = asyncio.get_running_loop()
@@ -324,6 +334,8 @@ class Session:
                 continue  # counted and logged by _receive; a bad frame proves nothing about liveness
             live.last_heard = loop.time()  # any message resets liveness (WIRE-10)
             if isinstance(msg, Error):
+                if self._transfer is not None and self._transfer.on_error(msg):
+                    continue  # it answered a TOKEN_REQUEST; the waiting fetch takes it from here
                 outcome = self._on_error(endpoint, live, msg)
                 if outcome == "rehello":
                     return None
@@ -336,6 +348,8 @@ class Session:
             elif isinstance(msg, TaskCancel):
                 if self._tasks is not None:
                     await self._tasks.on_cancel(msg)
+            elif isinstance(msg, (Grant, Revoke, TokenGrant)) and self._transfer is not None:
+                await self._transfer.on_message(msg)
             else:
                 self._unexpected(msg, "in session")
 

@@ -33,6 +33,7 @@ from .jobs.runner import JobRunner
 from .jobs.store import JobStore
 from .tasks import TaskDispatcher
 from .templates.create_job import CreateJob, Services, bind
+from .templates.delete_job import DeleteJob
 from .templates.fleet import Fleet, StorageLimits
 from .templates.rows import Rows
 
@@ -124,7 +125,8 @@ class Coordinator:
             per_source=cfg.dist.per_source, max_attempts=cfg.dist.max_attempts,
             space_reserve=int(cfg.dist.space_reserve))
         self.runner = JobRunner(self.jobs, self.dispatcher, owner=runner_owner(cfg),
-                                types=[bind(CreateJob, self.template_services)])
+                                types=[bind(CreateJob, self.template_services),
+                                       bind(DeleteJob, self.template_services)])
 
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")

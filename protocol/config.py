@@ -254,6 +254,19 @@ class TransferConfig:
     window: int = 8
     chunk_retries: int = 3
     token_ttl: Duration = Duration(3600.0)
+    # Test-only fault injection on a source agent's blob endpoint; leave at the defaults.
+    # test_corrupt_chunks: flip one byte in each of the first N chunks served (the digest stays
+    # the true one, so targets see a bad chunk). test_chunk_delay: wait this long before each reply.
+    test_corrupt_chunks: int = 0
+    test_chunk_delay: Duration = Duration(0.0)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk <= 1 << 20:
+            raise ValueError("transfer.chunk must be from 1 B to 1 MiB (WIRE-16)")
+        if self.window < 1 or self.chunk_retries < 1:
+            raise ValueError("transfer.window and transfer.chunk_retries must be at least 1")
+        if self.test_corrupt_chunks < 0 or self.test_chunk_delay < 0:
+            raise ValueError("transfer.test_corrupt_chunks and transfer.test_chunk_delay must not be negative")
 
 
 @section

@@ -17,7 +17,7 @@ from msgpack import packb
 from . import ids
 from .envelope import PROTOCOL
 from .message import Message, opt, req
-from .schema import Any_, Bool, Enum, Int, List, Map, Scalar, Str, Struct
+from .schema import Any_, Bin, Bool, Enum, Int, List, Map, Scalar, Str, Struct
 
 _U64 = 2**63  # U64 below accepts 0 .. 2**63 - 1
 MAX_MS = 2**53  # unix ms and durations stay well inside this
@@ -293,3 +293,99 @@ class Event(Message):
     kind: str = req(Str(64, min_len=1))
     data: dict[str, Any] = req(Map(Any_(), max_len=256))
     epoch: str | None = opt(Str(64))
+
+
+# --- artifact transfer (WIRE-16, WIRE-17, DIST-4, DIST-5, SEC-6) ----------------------
+#
+# Coordinator → source agent (session):  GRANT → GRANT_ACK; REVOKE (no reply).
+# Target agent → coordinator (session):  TOKEN_REQUEST → TOKEN (or ERROR TransferTokenInvalid).
+# Target DEALER → source blob ROUTER:     FETCH → CHUNK | ERROR (TransferTokenInvalid,
+#                                         TransferTokenExpired, ArtifactNotFound, InvalidRequest).
+
+ARTIFACT_ID = Str(28, ids.ARTIFACT_ID, 28, "artifact id")
+TOKEN = Str(64, ids.HEX64, 64, "transfer token")  # 256 random bits as hex (SEC-6)
+# The z85 public key of the target's CURVE pair, or "" when security.curve is off.
+CURVE_KEY = Str(40, re.compile(r"([0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40})?\Z"), 0, "z85 public key")
+# A file of an artifact, as listed in the catalog entry's ``files``; never a path (SEC-7).
+FILE_NAME = Str(64, re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"), 1, "artifact file name")
+MAX_CHUNK = 1 << 20  # WIRE-16: one FETCH asks for at most 1 MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(Message):
+    """Coordinator → source agent: serve ``artifact_id`` to ``target_node`` (key ``target_key``)
+    with ``token`` until ``expires`` (unix ms) (DIST-4, SEC-6). Answered by GRANT_ACK."""
+    TYPE = "GRANT"
+    msg_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    token: str = req(TOKEN)
+    expires: int = req(MS)
+    target_node: str = req(NODE_ID)
+    target_key: str = req(CURVE_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantAck(Message):
+    """Source agent → coordinator: the grant is live; FETCHes under it are served from now on."""
+    TYPE = "GRANT_ACK"
+    parent_id: str = req(MSG_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(Message):
+    """Coordinator → source agent: drop the grants for ``artifact_id`` (to one target if given)."""
+    TYPE = "REVOKE"
+    msg_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    target_node: str | None = opt(NODE_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch(Message):
+    """Target → source blob ROUTER: ``length`` bytes of ``file`` from ``offset`` (WIRE-16)."""
+    TYPE = "FETCH"
+    msg_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    file: str = req(FILE_NAME)
+    offset: int = req(U64)
+    length: int = req(Int(1, MAX_CHUNK))
+    token: str = req(TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """Source → target: the bytes of ``file`` at ``[offset, offset + length)``; ``sha256`` is their
+    digest. ``zero``: the range is all zero bytes and ``data`` is empty (holes of a sparse file
+    cross the wire as a flag). ``eof``: the range ends the file. ``length`` < the asked length
+    only at the end of the file."""
+    TYPE = "CHUNK"
+    parent_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    file: str = req(FILE_NAME)
+    offset: int = req(U64)
+    length: int = req(Int(0, MAX_CHUNK))
+    data: bytes = req(Bin(MAX_CHUNK))
+    sha256: str = req(HEX64)
+    eof: bool = req(Bool())
+    zero: bool | None = opt(Bool())
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest(Message):
+    """Target agent → coordinator: the grant for this transfer expired, please renew it (DIST-5).
+    The coordinator sends a new GRANT to ``source_node`` and TOKEN (or an ERROR) to the target."""
+    TYPE = "TOKEN_REQUEST"
+    msg_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    source_node: str = req(NODE_ID)
+    task_id: str | None = opt(TASK_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant(Message):
+    """Coordinator → target agent: the renewed token for a TOKEN_REQUEST (DIST-5)."""
+    TYPE = "TOKEN"
+    parent_id: str = req(MSG_ID)
+    artifact_id: str = req(ARTIFACT_ID)
+    token: str = req(TOKEN)
+    expires: int = req(MS)

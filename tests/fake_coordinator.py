@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -36,6 +36,15 @@ class Coordinator:
 
     def expect(self, want: str, timeout: float) -> tuple[bytes, Any, int]:
         """The next ``want`` message: (identity, message, wire size without identity)."""
+        return self._next(lambda _ident, msg: msg.TYPE == want, timeout, want)
+
+    def expect_where(self, pred: Callable[[bytes, Any], bool], timeout: float,
+                     what: str = "matching message") -> tuple[bytes, Any]:
+        """The next message (from any agent) for which ``pred(identity, message)`` holds."""
+        ident, msg, _ = self._next(pred, timeout, what)
+        return ident, msg
+
+    def _next(self, pred: Callable[[bytes, Any], bool], timeout: float, what: str) -> tuple[bytes, Any, int]:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
@@ -45,9 +54,9 @@ class Coordinator:
             self.seen.append((time.monotonic(), msg))
             if self.answer_beats and isinstance(msg, Heartbeat):
                 self.send(frames[0], HeartbeatAck(parent_id=msg.msg_id))
-            if msg.TYPE == want:
+            if pred(frames[0], msg):
                 return frames[0], msg, sum(len(f) for f in frames[1:])
-        raise AssertionError(f"no {want} within {timeout}s; saw {[m.TYPE for _, m in self.seen[-20:]]}")
+        raise AssertionError(f"no {what} within {timeout}s; saw {[m.TYPE for _, m in self.seen[-20:]]}")
 
     def send(self, ident: bytes, msg: Message) -> None:
         self.sock.send_multipart(msg.to_frames(ident))
@@ -86,8 +95,11 @@ class Notify:
         self._reader.join(5)
 
 
-def agent_argv(tmp_path: Path, coordinators: list[str], *extra: str) -> list[str]:
-    sets = [f"agent.node_id={NODE}", f"agent.state_dir={tmp_path}/state", "security.curve=false",
+def agent_argv(tmp_path: Path, coordinators: list[str], *extra: str, node_id: str = NODE,
+               state_dir: Path | None = None) -> list[str]:
+    """argv of a plain-TCP test agent; ``state_dir`` defaults to ``tmp_path/state``."""
+    state = state_dir if state_dir is not None else tmp_path / "state"
+    sets = [f"agent.node_id={node_id}", f"agent.state_dir={state}", "security.curve=false",
             f"agent.coordinators=[{', '.join(repr(c) for c in coordinators)}]".replace("'", '"'),
             "agent.blob_endpoint=tcp://127.0.0.1:*", "agent.address=127.0.0.1", "runtime.driver=none",
             "agent.versions.guest_image=test-guest-1", *extra]
@@ -95,12 +107,15 @@ def agent_argv(tmp_path: Path, coordinators: list[str], *extra: str) -> list[str
 
 
 def start_agent(agents: list[Proc], tmp_path: Path, coordinators: list[str], *extra: str,
-                notify: Notify | None = None, env: dict[str, str] | None = None) -> Proc:
+                notify: Notify | None = None, env: dict[str, str] | None = None, node_id: str = NODE,
+                state_dir: Path | None = None) -> Proc:
+    """Start a real agent; several agents need distinct ``node_id`` and ``state_dir`` values."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     e.pop("NOTIFY_SOCKET", None)
     if notify is not None:
         e["NOTIFY_SOCKET"] = notify.name
-    p = Proc(NODE, agent_argv(tmp_path, coordinators, *extra), tmp_path / f"agent-{len(agents)}.log", e).start()
+    argv = agent_argv(tmp_path, coordinators, *extra, node_id=node_id, state_dir=state_dir)
+    p = Proc(node_id, argv, tmp_path / f"agent-{len(agents)}.log", e).start()
     agents.append(p)
     return p
 

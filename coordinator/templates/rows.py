@@ -176,3 +176,64 @@ class Rows:
                                                         J.c.operation.in_(("CREATE", "REDO")))
                            .order_by(J.c.created_ms.desc()).limit(1)).scalar() or 0
         return theirs > mine
+
+
+    # --- last-owner cleanup (GC-1, GC-3, GC-5) ----------------------------------------------------
+
+    def references(self, s: Session, artifact_id: str, *, exclude_template: str | None) -> int:
+        """GC-1: replica rows, active jobs and templates naming the artifact (the excluded
+        template left out), counted through columns only."""
+        from sqlalchemy import func, or_
+        reps = select(func.count()).select_from(R).where(
+            or_(R.c.artifact_id == artifact_id, R.c.memstate_artifact_id == artifact_id))
+        tpls = select(func.count()).select_from(T).where(
+            or_(T.c.artifact_id == artifact_id, T.c.memstate_artifact_id == artifact_id))
+        jobs = select(func.count()).select_from(J).where(J.c.artifact_id == artifact_id,
+                                                          J.c.status.in_(tuple(tr.JOB_ACTIVE)))
+        if exclude_template is not None:
+            reps = reps.where(R.c.template_id != exclude_template)
+            tpls = tpls.where(T.c.id != exclude_template)
+            jobs = jobs.where(J.c.resource_id != exclude_template)
+        return sum(s.execute(q).scalar_one() for q in (reps, tpls, jobs))
+
+    def cleanup_begin(self, artifact_id: str, exclude_template: str | None, extra_nodes: list[str]) -> list[str] | None:
+        """GC-3, phase 1: drop the excluded template's replica rows for the artifact; referenced →
+        renew and return None; else mark CLEANUP_PENDING and return the node set."""
+        now = self.now_ms()
+        with self.sessions.begin() as s:
+            row = s.execute(select(A).where(A.c.id == artifact_id).with_for_update()).mappings().first()
+            if row is None:
+                return None
+            if exclude_template is not None:
+                s.execute(R.delete().where(R.c.template_id == exclude_template, R.c.artifact_id == artifact_id))
+            if self.references(s, artifact_id, exclude_template=exclude_template):
+                if row["status"] == tr.CLEANUP_PENDING:
+                    tr.transition_artifact(s, artifact_id, tr.CLEANUP_PENDING, tr.READY, gc_deadline_ms=now + 7 * 86400000)
+                elif row["status"] == tr.READY:
+                    s.execute(update(A).where(A.c.id == artifact_id).values(gc_deadline_ms=now + 7 * 86400000))
+                return None
+            if row["status"] == tr.READY:
+                tr.transition_artifact(s, artifact_id, tr.READY, tr.CLEANUP_PENDING)
+            nodes = set(s.execute(select(P.c.node_id).where(P.c.artifact_id == artifact_id)).scalars())
+            return sorted(nodes | set(extra_nodes))
+
+    def cleanup_finish(self, artifact_id: str, exclude_template: str | None) -> bool:
+        """GC-5, phase 3: recount; still unreferenced and CLEANUP_PENDING (or FAILED/ORPHANED) →
+        delete the placements and the row."""
+        with self.sessions.begin() as s:
+            row = s.execute(select(A).where(A.c.id == artifact_id).with_for_update()).mappings().first()
+            if row is None:
+                return True
+            if row["status"] not in (tr.CLEANUP_PENDING, tr.FAILED, tr.ORPHANED):
+                return False
+            if self.references(s, artifact_id, exclude_template=exclude_template):
+                return False
+            s.execute(P.delete().where(P.c.artifact_id == artifact_id))
+            s.execute(A.delete().where(A.c.id == artifact_id))
+            return True
+
+    def drop_template(self, template_id: str) -> None:
+        """TPL-27: the template's rows go (replicas cascade); its jobs stay for their retention."""
+        with self.sessions.begin() as s:
+            s.execute(R.delete().where(R.c.template_id == template_id))
+            s.execute(T.delete().where(T.c.id == template_id))

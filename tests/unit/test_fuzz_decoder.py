@@ -17,9 +17,10 @@ from protocol.codec import Limits
 from protocol.envelope import PROTOCOL, FrameDropped, parse
 from protocol.errors import MalformedMessage, UnsupportedMessage, UnsupportedProtocol
 from protocol.message import REGISTRY, Message, decode_message
-from protocol.messages import (Admin, CatalogDelta, CatalogSnapshot, Error, Event, Heartbeat, HeartbeatAck,
-                               Hello, Progress, Result, RuntimeRefs, Task, TaskAccepted, TaskCancel,
-                               TaskProgress, TaskResult, Versions, Welcome)
+from protocol.messages import (Admin, CatalogDelta, CatalogSnapshot, Chunk, Error, Event, Fetch, Grant, GrantAck,
+                               Heartbeat, HeartbeatAck, Hello, Progress, Result, Revoke, RuntimeRefs, Task,
+                               TaskAccepted, TaskCancel, TaskProgress, TaskResult, TokenGrant, TokenRequest,
+                               Versions, Welcome)
 
 ALLOWED = (FrameDropped, UnsupportedProtocol, MalformedMessage, UnsupportedMessage)
 # Sized so the whole file runs in well under 20 s; the structure-heavy properties get fewer examples.
@@ -58,6 +59,15 @@ SEEDS: list[Message] = [
     Progress(parent_id="m9", message="working", data={"n": 1}),
     Error(code=1002, name="MalformedMessage", message="bad", details={"field": "x"}, parent_id="m9"),
     Event(seq=1, topic="node.n1", ts=1, kind="health", data={"health": "READY"}, epoch="e"),
+    # artifact transfer (WIRE-16, DIST-4, DIST-5)
+    Grant(msg_id="g1", artifact_id="art-" + "1" * 24, token=H, expires=5, target_node="n2", target_key=""),
+    GrantAck(parent_id="g1"),
+    Revoke(msg_id="g2", artifact_id="art-" + "1" * 24, target_node="n2"),
+    Fetch(msg_id="f1", artifact_id="art-" + "1" * 24, file="rootfs.ext4", offset=0, length=4, token=H),
+    Chunk(parent_id="f1", artifact_id="art-" + "1" * 24, file="rootfs.ext4", offset=0, length=4,
+          data=b"\x00\x01\x02\x03", sha256=H, eof=False, zero=False),
+    TokenRequest(msg_id="t1", artifact_id="art-" + "1" * 24, source_node="n1", task_id=TID),
+    TokenGrant(parent_id="t1", artifact_id="art-" + "1" * 24, token=H, expires=5),
 ]
 SEED_TYPES = sorted(s.TYPE for s in SEEDS)
 

@@ -12,9 +12,10 @@ from protocol import errors
 from protocol.envelope import Envelope, parse
 from protocol.errors import MalformedMessage
 from protocol.message import REGISTRY, Message, body_msg_id, decode_message
-from protocol.messages import (Admin, CatalogDelta, CatalogSnapshot, Error, Event, Heartbeat, HeartbeatAck,
-                               Hello, Progress, Result, RuntimeRefs, Task, TaskAccepted, TaskCancel,
-                               TaskProgress, TaskResult, Versions, Welcome)
+from protocol.messages import (Admin, CatalogDelta, CatalogSnapshot, Chunk, Error, Event, Fetch, Grant, GrantAck,
+                               Heartbeat, HeartbeatAck, Hello, Progress, Result, Revoke, RuntimeRefs, Task,
+                               TaskAccepted, TaskCancel, TaskProgress, TaskResult, TokenGrant, TokenRequest,
+                               Versions, Welcome)
 
 H = "0123456789abcdef" * 4          # a sha256 hex digest
 SID = "5f2b9c0e4a1d47e8b3c6d9f0a1b2c3d4"
@@ -61,6 +62,17 @@ def _samples() -> dict[str, Message]:
               details={"nodes": [{"node": "b", "reason": "CORDONED"}]}, parent_id=MID),
         Event(seq=12, topic="job.job-" + "6" * 24, ts=1_700_000_000_123, kind="progress",
               data={"progress": 70}, epoch="e1"),
+        # artifact transfer (WIRE-16, DIST-4, DIST-5)
+        Grant(msg_id=MID, artifact_id="art-" + "1" * 24, token=H, expires=1_700_003_600_000,
+              target_node="node-2", target_key="rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"),
+        GrantAck(parent_id=MID),
+        Revoke(msg_id=MID, artifact_id="art-" + "1" * 24, target_node="node-2"),
+        Fetch(msg_id=MID, artifact_id="art-" + "1" * 24, file="rootfs.ext4", offset=1 << 20, length=1 << 20,
+              token=H),
+        Chunk(parent_id=MID, artifact_id="art-" + "1" * 24, file="rootfs.ext4", offset=1 << 20, length=4,
+              data=b"\x00\x01\x02\x03", sha256=H, eof=True, zero=False),
+        TokenRequest(msg_id=MID, artifact_id="art-" + "1" * 24, source_node="node-1", task_id=TASK_ID),
+        TokenGrant(parent_id=MID, artifact_id="art-" + "1" * 24, token=H, expires=1_700_003_600_000),
     ]}
 
 
@@ -151,6 +163,8 @@ def _wrong_type(value: Any) -> list[Any]:
         return ["x", 7, [value]]
     if isinstance(value, list):
         return ["x", 7, {"0": 1}]
+    if isinstance(value, bytes):
+        return ["x", 7, [value]]
     raise AssertionError(f"no wrong-type values for {value!r}")
 
 
@@ -239,7 +253,7 @@ def test_requests_carry_msg_id_and_replies_parent_id(msg_type: str) -> None:
     elif msg_type == "ERROR":
         assert "parent_id" in names  # optional: an error may answer an undecodable message
     elif msg_type in {"WELCOME", "HEARTBEAT_ACK", "TASK_ACCEPTED", "TASK_PROGRESS", "TASK_RESULT",
-                      "RESULT", "PROGRESS"}:
+                      "RESULT", "PROGRESS", "GRANT_ACK", "CHUNK", "TOKEN"}:
         assert "parent_id" in required and "msg_id" not in names
     else:
         assert "msg_id" in required and "parent_id" not in names

@@ -1,0 +1,775 @@
+"""Artifact transfer, target side, plus VERIFY_ARTIFACT and REMOVE_ARTIFACT (SPEC WIRE-15 to WIRE-17,
+DIST-4, DIST-5, CAT-8).
+
+FETCH_ARTIFACT args ``{artifact_id, files: [{name, size, sha256}], sha256, size,
+source: {node, endpoint, key}, token}``. The handler (a worker thread, like every task) opens a
+DEALER to the source's blob endpoint — a CURVE client with this node's key pair and
+``source.key`` when CURVE is on; with CURVE off its identity is ``<node id>/<random>``, which
+is what the source's grant matches (``agent/grants.py``) — and pulls each file in turn:
+
+* credit-based (zguide fileio3): at most ``transfer.window`` FETCHes of ``transfer.chunk``
+  bytes in flight; each CHUNK returns one credit (:class:`ChunkPlan` is the pure logic);
+* every CHUNK's sha256 is checked; a bad one is asked again, ``transfer.chunk_retries`` tries
+  in all, then ArtifactChecksumMismatch;
+* data goes to ``store/artifacts/<id>.partial/<file>`` at its offset; zero ranges (CHUNK
+  ``zero``, or 4 KiB blocks of zeros inside a chunk) are not written, so a sparse ext4 stays
+  sparse;
+* a running sha256 follows the contiguous verified prefix (chunks ahead of it wait in memory,
+  ≤ window × chunk), so the whole-file digest needs no second read;
+* **resume** (WIRE-17): ``<id>.partial/.progress.json`` records each file's contiguous
+  verified byte count, rewritten atomically at most once a second. A rerun — after a failed
+  attempt or an agent restart — keeps that prefix (re-reading it once for the running digest),
+  drops anything past it and fetches only the rest. The record is not fsynced: after a power
+  loss a record may claim bytes that never reached the disk, and the whole-file check below
+  then fails the attempt (the partial file is deleted and the next attempt starts over);
+* the whole-file sha256 is checked against ``files[i].sha256`` before anything is
+  registered; a mismatch deletes the partial directory and its ``partial`` catalog entry
+  (ArtifactChecksumMismatch). On success: fsync, rename ``<id>.partial`` → ``<id>``, fsync the
+  directory, then the catalog entry (kind ``artifact``, state ``verified``; CAT-8);
+* TransferTokenExpired from the source → a TOKEN_REQUEST through the session
+  (:class:`TokenBroker`); the FETCHes go on with the new token. TransferTokenInvalid ends the
+  task (DIST-5). No reply for ``stall_timeout`` (10 s) → NodeUnavailable naming the source;
+  a cancel is noticed within half a second.
+
+While a fetch runs the artifact has a catalog entry in state ``partial`` (CAT-1), so the
+coordinator's mirror and a later startup reconcile can see it; the blob endpoint serves only
+``verified`` entries. An artifact already held verified with the same sha256 succeeds at once.
+
+VERIFY_ARTIFACT ``{artifact_id}`` re-hashes the files against the catalog: ``{ok, sha256,
+files}``, or ArtifactChecksumMismatch after marking the entry ``state: "corrupt"`` (kept, not
+removed: the node stops serving it, the coordinator sees it is no longer verified, and
+REMOVE_ARTIFACT cleans it up). REMOVE_ARTIFACT ``{artifact_id}`` follows CAT-8: mark
+``removing``, delete the files, delete the entry; already gone is success (WIRE-15).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import psutil
+import zmq
+
+from protocol.daemon import configure_socket
+from protocol.envelope import FrameDropped, parse
+from protocol.errors import (ArtifactChecksumMismatch, ArtifactNotFound, InsufficientStorage, InvalidRequest,
+                             NodeUnavailable, TCError, TransferTokenExpired, from_wire)
+from protocol.keys import KeyPair
+from protocol.message import Message, decode_message
+from protocol.messages import (CURVE_KEY, ENDPOINT, FILE_NAME, HEX64, NODE_ID, TOKEN, Chunk, Error, Fetch, Grant,
+                               GrantAck, Revoke, TokenGrant, TokenRequest, U64)
+from protocol.schema import List, SchemaError, Struct
+
+from .blobs import zero_digest, zeros
+from .catalog import Catalog
+from .config import AgentConfig
+from .grants import Grant as GrantEntry, GrantTable, short
+from .image.store import Store, check_artifact_id, fsync_dir
+from .tasks import TaskContext
+
+log = logging.getLogger("transfer")
+
+ARTIFACT_KIND = "artifact"
+PARTIAL = ".partial"
+RECORD = ".progress.json"  # starts with a dot: no artifact file name can collide with it
+BLOCK = 4096               # hole granularity of the target file
+RECORD_EVERY = 1.0         # s between progress-record rewrites
+PROGRESS_EVERY = 1.0       # s between ctx.progress calls
+POLL_SLICE = 0.5           # s: cancel checks while waiting for chunks
+TOKEN_WAIT = 30.0          # s to wait for a TOKEN after a TOKEN_REQUEST
+
+_FILE = Struct({"name": FILE_NAME, "size": U64, "sha256": HEX64})
+_SOURCE = Struct({"node": NODE_ID, "endpoint": ENDPOINT}, {"key": CURVE_KEY})
+_ARGS = Struct({"files": List(_FILE, 16), "sha256": HEX64, "size": U64, "source": _SOURCE, "token": TOKEN})
+
+
+# --- pure logic: the credit window of one file ------------------------------------------
+
+class ChunkPlan:
+    """Which ranges of one file to ask for next (credit-based), their retries, and the
+    contiguous verified prefix. No I/O: the fetch loop and the unit tests drive it."""
+
+    def __init__(self, size: int, start: int, chunk: int, window: int, retries: int) -> None:
+        if not 0 <= start <= size or chunk < 1 or window < 1 or retries < 1:
+            raise ValueError("bad chunk plan")
+        self.size, self.chunk, self.window, self.retries = size, chunk, window, retries
+        self.verified = start           # bytes [0, verified) are verified and in order
+        self._next = start              # the next range never asked for
+        self._again: collections.deque[int] = collections.deque()
+        self._tries: dict[int, int] = {}
+        self.inflight: set[int] = set()
+        self._ready: dict[int, bytes | None] = {}  # verified, waiting for the prefix (None: zeros)
+
+    def length(self, offset: int) -> int:
+        return min(self.chunk, self.size - offset)
+
+    @property
+    def done(self) -> bool:
+        return self.verified >= self.size
+
+    def take(self) -> list[tuple[int, int]]:
+        """The ranges ``(offset, length)`` to send now: one per free credit."""
+        out: list[tuple[int, int]] = []
+        while len(self.inflight) < self.window:
+            if self._again:
+                offset = self._again.popleft()
+            elif self._next < self.size:
+                offset = self._next
+                self._next += self.length(offset)
+            else:
+                break
+            self.inflight.add(offset)
+            self._tries[offset] = self._tries.get(offset, 0) + 1
+            out.append((offset, self.length(offset)))
+        return out
+
+    def requeue(self, offset: int) -> None:
+        """Ask again without counting a try (the request was refused, e.g. its token expired)."""
+        if offset in self.inflight:
+            self.inflight.discard(offset)
+            self._tries[offset] -= 1
+            self._again.appendleft(offset)
+
+    def bad(self, offset: int) -> bool:
+        """A chunk failed its digest: True if it is queued again, False when out of tries."""
+        self.inflight.discard(offset)
+        if self._tries.get(offset, 0) >= self.retries:
+            return False
+        self._again.append(offset)
+        return True
+
+    def tries(self, offset: int) -> int:
+        return self._tries.get(offset, 0)
+
+    def good(self, offset: int, data: bytes | None) -> list[tuple[int, bytes | None]]:
+        """A verified chunk (``None``: all zeros). Returns the pieces that now extend the prefix, in order."""
+        self.inflight.discard(offset)
+        self._tries.pop(offset, None)
+        self._ready[offset] = data
+        out: list[tuple[int, bytes | None]] = []
+        while self.verified in self._ready:
+            piece = self._ready.pop(self.verified)
+            out.append((self.verified, piece))
+            self.verified += self.length(self.verified)
+        return out
+
+
+# --- the resume record --------------------------------------------------------------------
+
+class ResumeRecord:
+    """``<id>.partial/.progress.json``: per file ``{size, sha256, verified}`` (WIRE-17)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, path: Path, files: list[dict[str, Any]]) -> "ResumeRecord":
+        """The record for ``files``; entries whose size or digest differ start from zero."""
+        rec = cls(path)
+        try:
+            old = json.loads(path.read_text())
+            old_files = old.get("files") if isinstance(old, dict) else None
+        except (OSError, ValueError):
+            old_files = None
+        for f in files:
+            prev = old_files.get(f["name"]) if isinstance(old_files, dict) else None
+            verified = 0
+            if (isinstance(prev, dict) and prev.get("size") == f["size"] and prev.get("sha256") == f["sha256"]
+                    and isinstance(prev.get("verified"), int) and 0 <= prev["verified"] <= f["size"]):
+                verified = prev["verified"]
+            rec.files[f["name"]] = {"size": f["size"], "sha256": f["sha256"], "verified": verified}
+        return rec
+
+    def verified(self, name: str) -> int:
+        return int(self.files[name]["verified"])
+
+    def set(self, name: str, verified: int) -> None:
+        self.files[name]["verified"] = verified
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"version": 1, "files": self.files}, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+# --- token renewal through the session (DIST-5) -----------------------------------------
+
+Send = Callable[[Message], Awaitable[bool]]
+
+
+class TokenBroker:
+    """Lets a fetch (a worker thread) ask the coordinator for a new token over the live session."""
+
+    def __init__(self, wait: float = TOKEN_WAIT) -> None:
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._attached = threading.Condition(self._lock)
+        self._send: Send | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[str, concurrent.futures.Future[TokenGrant]] = {}
+        self._ids = (f"tok-{secrets.token_hex(6)}-{n}" for n in itertools.count(1))
+
+    def attach(self, send: Send | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        with self._lock:
+            self._send, self._loop = send, loop
+            self._attached.notify_all()
+
+    def request(self, artifact_id: str, source_node: str, task_id: str | None,
+                cancel: Callable[[], None] = lambda: None) -> tuple[str, int]:
+        """From a worker thread: send TOKEN_REQUEST, wait for TOKEN; (token, expires ms).
+        TransferTokenExpired if no session or no answer in time; the coordinator's ERROR as is.
+        ``cancel`` is called every half second while waiting (a task's ``check``)."""
+        deadline = time.monotonic() + self._wait
+        with self._lock:
+            while self._send is None and (left := deadline - time.monotonic()) > 0:
+                self._attached.wait(min(left, POLL_SLICE))
+                cancel()
+            send, loop = self._send, self._loop
+            if send is None or loop is None:
+                raise TransferTokenExpired(f"the grant for {artifact_id} expired and no coordinator session is "
+                                           "up to renew it", {"artifact_id": artifact_id})
+            msg = TokenRequest(msg_id=next(self._ids), artifact_id=artifact_id, source_node=source_node,
+                               task_id=task_id)
+            fut: concurrent.futures.Future[TokenGrant] = concurrent.futures.Future()
+            self._waiting[msg.msg_id] = fut
+        try:
+            sent = asyncio.run_coroutine_threadsafe(send(msg), loop).result(self._wait)
+            if not sent:
+                raise TransferTokenExpired(f"the TOKEN_REQUEST for {artifact_id} could not be sent",
+                                           {"artifact_id": artifact_id})
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    answer = fut.result(max(0.0, min(left, POLL_SLICE)))
+                    return answer.token, answer.expires
+                except concurrent.futures.TimeoutError:
+                    if left <= POLL_SLICE:
+                        raise TransferTokenExpired(f"no new token for {artifact_id} within {self._wait:g}s",
+                                                   {"artifact_id": artifact_id}) from None
+                    cancel()
+        finally:
+            with self._lock:
+                self._waiting.pop(msg.msg_id, None)
+
+    def on_token(self, msg: TokenGrant) -> bool:
+        with self._lock:
+            fut = self._waiting.get(msg.parent_id)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(msg)
+        return True
+
+    def on_error(self, err: Error) -> bool:
+        with self._lock:
+            fut = self._waiting.get(err.parent_id or "")
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(from_wire({"code": err.code, "name": err.name, "message": err.message,
+                                     "details": err.details}))
+        return True
+
+
+# --- the service ------------------------------------------------------------------------
+
+@dataclass
+class _Args:
+    artifact_id: str
+    files: list[dict[str, Any]]
+    sha256: str
+    size: int
+    node: str
+    endpoint: str
+    key: str
+    token: str
+
+
+class _Progress:
+    def __init__(self, ctx: TaskContext, total: int, done: int) -> None:
+        self.ctx, self.total, self.done = ctx, total, done
+        self.fetched = 0      # range bytes received and verified in this attempt
+        self.wire = 0         # data bytes that crossed the wire in this attempt
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def add(self, n: int, wire: int) -> None:
+        self.done += n
+        self.fetched += n
+        self.wire += wire
+        self.emit()
+
+    def emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < PROGRESS_EVERY:
+            return
+        self._last = now
+        speed = int(self.fetched / max(now - self.started, 1e-6))
+        self.ctx.progress({"phase": "FETCHING", "bytes_done": self.done, "bytes_total": self.total,
+                           "fetched_bytes": self.fetched, "speed": speed,
+                           "percent": round(100.0 * self.done / self.total, 1) if self.total else 100.0})
+
+
+class TransferService:
+    """FETCH_ARTIFACT, VERIFY_ARTIFACT and REMOVE_ARTIFACT, and the session hooks for GRANT,
+    REVOKE and TOKEN (``on_message``) and for the ERROR answering a TOKEN_REQUEST (``on_error``)."""
+
+    def __init__(self, cfg: AgentConfig, catalog: Catalog, grants: GrantTable, zctx: zmq.Context[Any],
+                 pair: KeyPair | None = None, store: Store | None = None, *,
+                 stall_timeout: float = 10.0, broker: TokenBroker | None = None) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.grants = grants
+        self.store = store or Store.under(cfg.agent.state_dir)
+        self.broker = broker or TokenBroker()
+        self._zctx = zctx
+        self._pair = pair
+        self._stall = stall_timeout
+        self._limits = cfg.codec.limits()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._send: Send | None = None
+
+    def handlers(self) -> dict[str, Callable[[TaskContext], dict[str, Any]]]:
+        return {"FETCH_ARTIFACT": self.fetch_task, "VERIFY_ARTIFACT": self.verify_task,
+                "REMOVE_ARTIFACT": self.remove_task}
+
+    # --- session hooks -------------------------------------------------------------------
+
+    def attach(self, send: Send | None) -> None:
+        """The session's send coroutine while a session is live (None when it ends)."""
+        self._send = send
+        self.broker.attach(send, asyncio.get_running_loop() if send is not None else None)
+
+    async def on_message(self, msg: Message) -> bool:
+        """GRANT, REVOKE or TOKEN from the coordinator; False for any other message."""
+        if isinstance(msg, Grant):
+            self.grants.add(GrantEntry(msg.artifact_id, msg.token, msg.expires, msg.target_node, msg.target_key))
+            log.info("grant: %s to %s, token %s, expires in %.0fs", msg.artifact_id, msg.target_node,
+                     short(msg.token), (msg.expires - time.time() * 1000) / 1000)
+            if self._send is not None:
+                await self._send(GrantAck(parent_id=msg.msg_id))
+            return True
+        if isinstance(msg, Revoke):
+            n = self.grants.revoke(msg.artifact_id, msg.target_node)
+            log.info("revoke: %d grant(s) for %s dropped", n, msg.artifact_id)
+            return True
+        if isinstance(msg, TokenGrant):
+            if not self.broker.on_token(msg):
+                log.info("TOKEN for %s answers no pending request: ignored", msg.artifact_id)
+            return True
+        return False
+
+    def on_error(self, err: Error) -> bool:
+        """True if ``err`` answers one of our TOKEN_REQUESTs (it then ends that wait)."""
+        return self.broker.on_error(err)
+
+    # --- FETCH_ARTIFACT ------------------------------------------------------------------
+
+    def fetch_task(self, ctx: TaskContext) -> dict[str, Any]:
+        args = self._parse(ctx.args)
+        with self._lock(args.artifact_id):
+            ctx.check()
+            return self.fetch(ctx, args)
+
+    def _parse(self, raw: dict[str, Any]) -> _Args:
+        artifact_id = check_artifact_id(raw.get("artifact_id"))
+        try:
+            a = _ARGS(raw, "args")
+        except SchemaError as exc:
+            field = exc.field.removeprefix("args.")
+            raise InvalidRequest(f"FETCH_ARTIFACT {field}: {exc.reason}", {"field": field, "reason": exc.reason}) from None
+        names = [f["name"] for f in a["files"]]
+        if not names or len(set(names)) != len(names):
+            raise InvalidRequest("files must list each file of the artifact once", {"field": "files", "reason": "names"})
+        src = a["source"]
+        key = src.get("key") or ""
+        if self._pair is not None and not key:
+            raise InvalidRequest("source.key is required with CURVE on (SEC-1)", {"field": "source.key", "reason": "required"})
+        return _Args(artifact_id, a["files"], a["sha256"], a["size"], src["node"], src["endpoint"], key, a["token"])
+
+    def fetch(self, ctx: TaskContext, args: _Args) -> dict[str, Any]:
+        aid = args.artifact_id
+        final = self.store.artifact_dir(aid)
+        existing = self.catalog.get(ARTIFACT_KIND, aid)
+        if existing is not None and existing["body"].get("state") == "verified":
+            body = existing["body"]
+            if body.get("sha256") != args.sha256:
+                raise InvalidRequest(f"artifact {aid} is held here with another sha256",
+                                     {"field": "sha256", "reason": "differs from the held copy"})
+            if all((final / f["name"]).is_file() and (final / f["name"]).stat().st_size == f["size"]
+                   for f in args.files):
+                log.info("artifact %s is already held (sha256 %s): nothing to fetch", aid, args.sha256[:12])
+                return self._result(args, body, fetched=0, wire=0, resumed=args.size, seconds=0.0)
+        partial = self.store.artifacts / f"{aid}{PARTIAL}"
+        partial.mkdir(mode=0o700, exist_ok=True)
+        record = ResumeRecord.load(partial / RECORD, args.files)
+        total = sum(f["size"] for f in args.files)
+        resumed = sum(record.verified(f["name"]) for f in args.files)
+        need = total - resumed
+        free = psutil.disk_usage(str(self.store.root)).free
+        if free < need:
+            raise InsufficientStorage(f"fetching {aid} needs {need >> 20} MiB free in the agent store, "
+                                      f"{free >> 20} MiB are", {"need": need, "free": free})
+        body = {"state": "partial", "sha256": args.sha256, "size": args.size, "files": args.files,
+                "source": args.node, "task_id": ctx.task_id}
+        self.catalog.put(ARTIFACT_KIND, aid, body)  # CAT-1: a partial artifact is listed as such
+        if resumed:
+            log.info("artifact %s: resuming with %d of %d bytes already verified", aid, resumed, total)
+        progress = _Progress(ctx, total, resumed)
+        started = time.monotonic()
+        try:
+            with _Link(self, args, ctx) as link:
+                for f in args.files:
+                    self._fetch_file(link, f, partial, record, progress)
+        except ArtifactChecksumMismatch:
+            shutil.rmtree(partial, ignore_errors=True)
+            self.catalog.delete(ARTIFACT_KIND, aid)
+            raise
+        progress.emit(force=True)
+        (partial / RECORD).unlink(missing_ok=True)
+        fsync_dir(partial)
+        if final.exists():  # a stale copy without a verified entry
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        fsync_dir(self.store.artifacts)
+        body = {"state": "verified", "sha256": args.sha256, "size": args.size, "files": args.files,
+                "source": args.node}
+        self.catalog.put(ARTIFACT_KIND, aid, body)
+        seconds = time.monotonic() - started
+        log.info("artifact %s fetched from %s: %d bytes (%d on the wire, %d resumed) in %.2fs", aid, args.node,
+                 progress.fetched, progress.wire, resumed, seconds)
+        return self._result(args, body, fetched=progress.fetched, wire=progress.wire, resumed=resumed,
+                            seconds=seconds)
+
+    @staticmethod
+    def _result(args: _Args, body: dict[str, Any], *, fetched: int, wire: int, resumed: int,
+                seconds: float) -> dict[str, Any]:
+        return {"artifact_id": args.artifact_id, "sha256": body["sha256"], "size": body["size"],
+                "files": body["files"], "source": args.node, "fetched_bytes": fetched, "wire_bytes": wire,
+                "resumed_bytes": resumed, "seconds": round(seconds, 3)}
+
+    def _fetch_file(self, link: "_Link", f: dict[str, Any], partial: Path, record: ResumeRecord,
+                    progress: _Progress) -> None:
+        name, size = f["name"], f["size"]
+        start = record.verified(name)
+        fd = os.open(partial / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Past the verified prefix nothing can be trusted (out-of-order chunks of a killed
+            # attempt): cut it off, so skipped zero ranges read back as holes.
+            os.ftruncate(fd, start)
+            os.ftruncate(fd, size)
+            plan = ChunkPlan(size, start, int(self.cfg.transfer.chunk), self.cfg.transfer.window,
+                             self.cfg.transfer.chunk_retries)
+            with _FileSink(fd, plan) as sink:
+                link.record = record
+                link.pull(name, plan, sink, progress)
+                digest = sink.digest()
+            if digest != f["sha256"]:
+                raise ArtifactChecksumMismatch(
+                    f"{name} of {link.args.artifact_id} from {link.args.node} has sha256 {digest[:16]}…, "
+                    f"expected {f['sha256'][:16]}…", {"artifact_id": link.args.artifact_id, "file": name,
+                                                      "source": link.args.node})
+            os.fsync(fd)
+            record.set(name, size)
+            record.save()
+        finally:
+            os.close(fd)
+
+    # --- VERIFY_ARTIFACT / REMOVE_ARTIFACT -----------------------------------------------
+
+    def verify_task(self, ctx: TaskContext) -> dict[str, Any]:
+        aid = check_artifact_id(ctx.args.get("artifact_id"))
+        with self._lock(aid):
+            entry = self.catalog.get(ARTIFACT_KIND, aid)
+            if entry is None or entry["body"].get("state") not in ("verified", "corrupt"):
+                raise ArtifactNotFound(f"artifact {aid} has no complete copy on this node", {"artifact_id": aid})
+            body = entry["body"]
+            files = [f for f in body.get("files") or () if isinstance(f, dict)]
+            total = sum(int(f.get("size", 0)) for f in files)
+            progress = _Progress(ctx, total, 0)
+            bad: list[str] = []
+            for f in files:
+                path = self.store.artifact_dir(aid) / FILE_NAME(f.get("name"), "files.name")
+                digest = _hash_file(path, ctx, progress)
+                if not digest or digest != f.get("sha256") or path.stat().st_size != f.get("size"):
+                    bad.append(f["name"])
+            if bad:
+                self.catalog.put(ARTIFACT_KIND, aid, {**body, "state": "corrupt", "corrupt_files": bad})
+                raise ArtifactChecksumMismatch(f"artifact {aid} on this node is corrupt: {', '.join(bad)} "
+                                               "do not match the catalog; it is no longer served",
+                                               {"artifact_id": aid, "files": bad})
+            if body.get("state") != "verified":
+                self.catalog.put(ARTIFACT_KIND, aid, {k: v for k, v in body.items() if k != "corrupt_files"}
+                                 | {"state": "verified"})
+            return {"ok": True, "artifact_id": aid, "sha256": body.get("sha256"), "files": files}
+
+    def remove_task(self, ctx: TaskContext) -> dict[str, Any]:
+        aid = check_artifact_id(ctx.args.get("artifact_id"))
+        with self._lock(aid):
+            self.grants.revoke(aid)
+            entry = self.catalog.get(ARTIFACT_KIND, aid)
+            if entry is not None:  # CAT-8: mark, delete the files, then the entry
+                self.catalog.put(ARTIFACT_KIND, aid, {**entry["body"], "state": "removing"})
+            for path in (self.store.artifact_dir(aid), self.store.artifacts / f"{aid}{PARTIAL}"):
+                shutil.rmtree(path, ignore_errors=True)
+            fsync_dir(self.store.artifacts)
+            if entry is not None:
+                self.catalog.delete(ARTIFACT_KIND, aid)
+            log.info("artifact %s removed%s", aid, "" if entry else " (it was already gone)")
+            return {"artifact_id": aid, "removed": entry is not None}
+
+    def _lock(self, artifact_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(artifact_id, threading.Lock())
+
+
+class _Link:
+    """One DEALER to the source's blob endpoint for one FETCH_ARTIFACT attempt."""
+
+    def __init__(self, svc: TransferService, args: _Args, ctx: TaskContext) -> None:
+        self.svc, self.args, self.ctx = svc, args, ctx
+        self.token = args.token
+        self._ids = (f"f{n}" for n in itertools.count(1))
+        cfg = svc.cfg
+        self.sock: zmq.Socket[Any] = svc._zctx.socket(zmq.DEALER)
+        configure_socket(self.sock, hwm=cfg.zmq.hwm, linger=0, max_frame=cfg.codec.max_frame)
+        self.sock.setsockopt(zmq.IDENTITY, f"{cfg.node_id}/{secrets.token_hex(4)}".encode())
+        if svc._pair is not None:
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, svc._pair.secret.encode())
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, svc._pair.public.encode())
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, args.key.encode())
+        self.sock.connect(args.endpoint)
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fetch-check")
+
+    def __enter__(self) -> "_Link":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.sock.close(linger=0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def pull(self, name: str, plan: ChunkPlan, sink: "_FileSink", progress: _Progress) -> None:
+        """Run the credit window until every byte of ``name`` is verified and written.
+
+        This thread only sends, receives and keeps the books; chunk digests and writes run on
+        two pool threads and the running file digest on the sink's own thread (hashlib and
+        pwrite release the GIL), so receiving, checking, writing and hashing overlap."""
+        args = self.args
+        pending: dict[str, tuple[int, str]] = {}  # msg_id -> (offset, token used)
+        checking: dict[concurrent.futures.Future[bool], tuple[int, int, int]] = {}  # -> offset, length, wire
+        last_heard = time.monotonic()
+        while not plan.done:
+            for offset, length in plan.take():
+                mid = next(self._ids)
+                pending[mid] = (offset, self.token)
+                self.sock.send_multipart(Fetch(msg_id=mid, artifact_id=args.artifact_id, file=name, offset=offset,
+                                               length=length, token=self.token).to_frames())
+            self.ctx.check()
+            for fut in [f for f in checking if f.done()]:
+                offset, length, wire = checking.pop(fut)
+                if fut.result():
+                    sink.extend(offset)
+                    progress.add(length, wire)
+                    self._maybe_save(name, plan)
+                elif not plan.bad(offset):
+                    raise ArtifactChecksumMismatch(
+                        f"chunk {name}@{offset} of {args.artifact_id} from {args.node} failed its digest "
+                        f"{plan.retries} times", {"artifact_id": args.artifact_id, "file": name,
+                                                  "offset": offset, "source": args.node})
+                else:
+                    log.info("chunk %s@%d of %s from %s failed its digest: asking again (try %d of %d)", name,
+                             offset, args.artifact_id, args.node, plan.tries(offset) + 1, plan.retries)
+            if plan.done:
+                break
+            if not self.sock.poll(1 if checking else int(POLL_SLICE * 1000)):
+                if not checking and time.monotonic() - last_heard >= self.svc._stall:
+                    raise NodeUnavailable(f"source node {args.node} ({args.endpoint}) sent nothing for "
+                                          f"{self.svc._stall:g}s", {"node": args.node})
+                continue
+            last_heard = time.monotonic()
+            msg = self._receive()
+            if msg is None:
+                continue
+            parent = msg.parent_id
+            if parent not in pending:
+                continue  # an answer to a request already given up (asked again under a new token)
+            offset, used = pending.pop(parent)
+            if isinstance(msg, Error):
+                self._refused(msg, plan, offset, used)
+                continue
+            assert isinstance(msg, Chunk)
+            length = plan.length(offset)
+            fits = msg.offset == offset and msg.file == name and msg.length == length and (
+                msg.zero or len(msg.data) == length)
+            checking[self._pool.submit(sink.check_and_write, msg, offset, length, fits)] = (
+                offset, length, len(msg.data))
+        self._save(name, plan)
+
+    _saved_at = 0.0
+    record: ResumeRecord | None = None
+
+    def _maybe_save(self, name: str, plan: ChunkPlan) -> None:
+        now = time.monotonic()
+        if now - self._saved_at >= RECORD_EVERY:
+            self._save(name, plan)
+            self._saved_at = now
+
+    def _save(self, name: str, plan: ChunkPlan) -> None:
+        if self.record is not None:
+            self.record.set(name, plan.verified)
+            self.record.save()
+
+    def _refused(self, err: Error, plan: ChunkPlan, offset: int, used: str) -> None:
+        args = self.args
+        if err.name == "TransferTokenExpired":
+            if used == self.token:  # the first refusal under this token: renew it once
+                log.info("token %s for %s expired: asking the coordinator for a new one", short(used),
+                         args.artifact_id)
+                self.token, _ = self.svc.broker.request(args.artifact_id, args.node, self.ctx.task_id,
+                                                        self.ctx.check)
+                log.info("new token %s for %s", short(self.token), args.artifact_id)
+            plan.requeue(offset)
+            return
+        exc = from_wire({"code": err.code, "name": err.name, "message": err.message, "details": err.details})
+        exc.message = f"source node {args.node} refused FETCH: {exc.message}"
+        exc.details = {**exc.details, "source": args.node}
+        raise exc
+
+    def _receive(self) -> Chunk | Error | None:
+        frames = self.sock.recv_multipart()
+        try:
+            msg = decode_message(parse(frames, router=False, limits=self.svc._limits), self.svc._limits)
+        except (FrameDropped, TCError) as exc:
+            log.warning("bad message from source %s: %s", self.args.node, exc)
+            return None
+        return msg if isinstance(msg, (Chunk, Error)) else None
+
+
+class _FileSink:
+    """Where one file's verified chunks go: written at their offset (zero blocks skipped), the
+    contiguous prefix fed in order to a running sha256 on its own thread, and dirty pages
+    written back in the background (``fdatasync`` every 64 MiB), so the final fsync is short."""
+
+    FLUSH_EVERY = 64 << 20
+    HASH_BACKLOG = 32  # chunks queued for the running digest before the receive loop waits
+
+    def __init__(self, fd: int, plan: ChunkPlan) -> None:
+        self.fd, self.plan = fd, plan
+        self.running = hashlib.sha256()
+        _hash_prefix(fd, plan.verified, self.running)
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fetch-digest")
+        self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fetch-flush")
+        self._hashing: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        self._flushing: concurrent.futures.Future[None] | None = None
+        self._written = 0
+        self._lock = threading.Lock()
+        self._data: dict[int, bytes | None] = {}
+
+    def __enter__(self) -> "_FileSink":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+        self._flusher.shutdown(wait=True, cancel_futures=True)
+
+    def check_and_write(self, msg: Chunk, offset: int, length: int, fits: bool) -> bool:
+        """In a pool thread: the chunk's digest, then its bytes at ``offset``; False if it is bad."""
+        if not fits:
+            return False
+        if msg.zero:
+            ok = msg.sha256 == zero_digest(length)
+        else:
+            ok = hashlib.sha256(msg.data).hexdigest() == msg.sha256
+        if not ok:
+            return False
+        if not msg.zero:
+            _write_sparse(self.fd, offset, msg.data)
+        with self._lock:
+            self._data[offset] = None if msg.zero else msg.data
+            self._written += length
+            flush = self._written >= self.FLUSH_EVERY and (self._flushing is None or self._flushing.done())
+            if flush:
+                self._written = 0
+                self._flushing = self._flusher.submit(os.fdatasync, self.fd)
+        return True
+
+    def extend(self, offset: int) -> None:
+        """In the receive thread, once ``offset`` is verified and written: grow the prefix."""
+        with self._lock:
+            data = self._data.pop(offset)
+        for off, piece in self.plan.good(offset, data):
+            chunk = piece if piece is not None else zeros(self.plan.length(off))
+            self._hashing.append(self._hasher.submit(self.running.update, chunk))
+        while self._hashing and (self._hashing[0].done() or len(self._hashing) > self.HASH_BACKLOG):
+            self._hashing.popleft().result()
+
+    def digest(self) -> str:
+        while self._hashing:
+            self._hashing.popleft().result()
+        if self._flushing is not None:
+            self._flushing.result()
+        return self.running.hexdigest()
+
+
+# --- file helpers ---------------------------------------------------------------------
+
+def _write_sparse(fd: int, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset``, skipping 4 KiB-aligned blocks of zeros (they stay holes)."""
+    zero = zeros(BLOCK)
+    if data.find(zero) < 0:  # the common case for dense data: one write
+        os.pwrite(fd, data, offset)
+        return
+    view = memoryview(data)
+    n = len(data)
+    run_start = -1
+    # Block boundaries are relative to the file, so holes line up with the file system's blocks.
+    first = (-offset) % BLOCK
+    edges = [0, *range(first or BLOCK, n, BLOCK), n] if first else [*range(0, n, BLOCK), n]
+    for lo, hi in zip(edges, edges[1:]):
+        is_zero = hi - lo == BLOCK and data[lo:hi] == zero
+        if is_zero:
+            if run_start >= 0:
+                os.pwrite(fd, view[run_start:lo], offset + run_start)
+                run_start = -1
+        elif run_start < 0:
+            run_start = lo
+    if run_start >= 0:
+        os.pwrite(fd, view[run_start:n], offset + run_start)
+
+
+def _hash_prefix(fd: int, length: int, h: "hashlib._Hash") -> None:
+    pos = 0
+    while pos < length:
+        data = os.pread(fd, min(1 << 20, length - pos), pos)
+        if not data:
+            raise OSError(5, "partial file shorter than its record")
+        h.update(data)
+        pos += len(data)
+
+
+def _hash_file(path: Path, ctx: TaskContext, progress: _Progress) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while data := fh.read(1 << 20):
+                h.update(data)
+                progress.add(len(data), 0)
+                ctx.check()
+    except FileNotFoundError:
+        return ""
+    return h.hexdigest()
+
+
+__all__ = ["ChunkPlan", "ResumeRecord", "TokenBroker", "TransferService", "PARTIAL", "RECORD"]
