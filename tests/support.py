@@ -209,3 +209,13 @@ class Cluster:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+class Clock:
+    """A settable clock for stores that take ``clock=`` (seconds)."""
+
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

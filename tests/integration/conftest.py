@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from tests.fake_coordinator import Coordinator, Notify
-from tests.support import Proc
+from tests.support import Clock, Proc
 
 
 @pytest.fixture
@@ -39,3 +39,18 @@ def agents(tmp_path: Path) -> Iterator[list[Proc]]:
     for p in started:
         if p.alive():
             p.kill()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    """A migrated coordinator database on each backend (``db_url``)."""
+    from coordinator.db.engine import ensure_schema, make_engine
+    e = make_engine(db_url)
+    ensure_schema(e, migrate_now=True)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.db.engine import ensure_schema, make_engine
+from tests.support import Clock
+
 from coordinator.jobs.base import JobContext, JobType
 from coordinator.jobs.runner import JobRunner
 from coordinator.jobs.store import JobStore
@@ -22,14 +23,6 @@ from protocol import ids
 from protocol.errors import NodeUnavailable, TCError
 
 REQ = {"image": "registry.local/app:1"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class FakeTasks:
@@ -107,19 +100,6 @@ def example_type(rec: Recorder) -> type[JobType]:
             return {"artifact_id": "art-" + "a" * 24}
 
     return Example
-
-
-@pytest.fixture
-def engine(db_url: str):
-    e = make_engine(db_url)
-    ensure_schema(e, migrate_now=True)
-    yield e
-    e.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 def new_store(engine, clock: Clock) -> JobStore:

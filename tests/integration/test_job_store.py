@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+from tests.support import Clock
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, select
 
-from coordinator.db.engine import ensure_schema, make_engine
 from coordinator.db.models import Base, Job
 from coordinator.jobs import transitions as tr
 from coordinator.jobs.requests import sanitize_request
@@ -23,27 +24,6 @@ from protocol.errors import (
 
 REQ = {"image": "registry.local/app:1", "vcpus": 1, "memory_mib": 512,
        "credentials": {"username": "u", "password": "p"}}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def engine(db_url: str):
-    e = make_engine(db_url)
-    ensure_schema(e, migrate_now=True)
-    yield e
-    e.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
