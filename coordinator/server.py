@@ -34,6 +34,7 @@ from .jobs.store import JobStore
 from .tasks import TaskDispatcher
 from .templates.create_job import CreateJob, Services, bind
 from .templates.delete_job import DeleteJob
+from .templates.redo_job import RedoJob
 from .templates.fleet import Fleet, StorageLimits
 from .templates.rows import Rows
 
@@ -126,7 +127,8 @@ class Coordinator:
             space_reserve=int(cfg.dist.space_reserve))
         self.runner = JobRunner(self.jobs, self.dispatcher, owner=runner_owner(cfg),
                                 types=[bind(CreateJob, self.template_services),
-                                       bind(DeleteJob, self.template_services)])
+                                       bind(DeleteJob, self.template_services),
+                                       bind(RedoJob, self.template_services)])
 
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")

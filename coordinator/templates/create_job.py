@@ -80,6 +80,7 @@ class CreateJob(JobType):
     operation = "CREATE"
     steps = ("RESOLVE_IMAGE", "CLAIM_ARTIFACT", "BUILD", "REGISTER", "DISTRIBUTE", "PUBLISH")
     services: ClassVar[Services]
+    claims_alias: ClassVar[bool] = True  # REDO keeps the current alias and never re-claims one (TPL-22)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -214,9 +215,8 @@ class CreateJob(JobType):
         await ctx.db(self.services.rows.set_template, ctx.job["resource_id"], artifact_id=art["id"])
         tpl_id = ctx.job["resource_id"]
         fleet, rows = self.services.fleet, self.services.rows
-        recorded = [n for n in await ctx.db(rows.placements, art["id"]) if fleet.health(n) not in (None, Health.LOST)]
-        holders = set(await ctx.db(fleet.copies, art["id"], art["sha256"])) | set(recorded)
         wanted = ctx.state["targets"]
+        holders = await self._holders(ctx, art, wanted)
         todo: list[str] = []
         by_id = {c.node_id: c for c in await ctx.db(fleet.candidates)}
         for node in wanted:
@@ -235,6 +235,13 @@ class CreateJob(JobType):
         await self._counts(ctx)
         if todo:
             await self._transfer_all(ctx, art, todo, sorted(holders))
+
+    async def _holders(self, ctx: JobContext, art: dict[str, Any], wanted: list[str]) -> set[str]:
+        """Nodes with a verified copy: recorded placements (known from task results at once)
+        and catalog mirrors, LOST nodes left out."""
+        fleet, rows = self.services.fleet, self.services.rows
+        recorded = [n for n in await ctx.db(rows.placements, art["id"]) if fleet.health(n) not in (None, Health.LOST)]
+        return set(await ctx.db(fleet.copies, art["id"], art["sha256"])) | set(recorded)
 
     async def _transfer_all(self, ctx: JobContext, art: dict[str, Any], todo: list[str], sources: list[str]) -> None:
         """DIST-3 to DIST-5: each target pulls from the least busy source (≤ per_source each);
@@ -327,7 +334,7 @@ class CreateJob(JobType):
         status = tr.READY if not failed else tr.PARTIALLY_READY
         last_error = next((r["last_error"] for r in failed if r["last_error"]), "")
         warning = await ctx.db(self.services.rows.publish, tpl["id"], ctx.job_id, status, last_error=last_error,
-                               runtime_config=runtime_config(config, spec))
+                               runtime_config=runtime_config(config, spec), claim_alias=self.claims_alias)
         ctx.state["warning"] = warning
         self.services.credentials.pop(ctx.job_id, None)  # nothing left to pull (IMG-4)
 

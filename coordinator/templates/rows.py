@@ -137,7 +137,7 @@ class Rows:
             s.execute(update(T).where(T.c.id == template_id).values(**values))
 
     def publish(self, template_id: str, job_id: str, status: str, *, last_error: str = "",
-                runtime_config: dict[str, Any] | None = None) -> str:
+                runtime_config: dict[str, Any] | None = None, claim_alias: bool = True) -> str:
         """TPL-14, TPL-16, TPL-17: claim the requested alias (when the status is not FAILED) and
         write the aggregate status in one transaction; a conflicting alias goes to the template
         with the newer CREATE/REDO job, the loser publishes without it. Returns a warning ("" if none)."""
@@ -150,7 +150,7 @@ class Rows:
                     if runtime_config is not None:
                         values["runtime_config"] = runtime_config
                     want = tpl["requested_alias"]
-                    if status != tr.FAILED and want and tpl["alias"] != want:
+                    if claim_alias and status != tr.FAILED and want and tpl["alias"] != want:
                         holder = s.execute(select(T.c.id).where(T.c.alias == want, T.c.id != template_id)).scalar()
                         if holder is not None and self._newer(s, holder, job_id):
                             warning = f"alias {want} kept by {holder} (its job is newer)"
