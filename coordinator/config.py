@@ -64,6 +64,10 @@ class JobConfig:
     progress_flush: Duration = Duration(1.0)
     stale_after: Duration = Duration(7200.0)
     retention: Duration = Duration(30 * 86400.0)
+    # TEST ONLY, off by default: the coordinator process exits (code 70) right after a job
+    # persists the step after the one named here, simulating a crash at that step boundary
+    # (issue 5's restart tests). Never set it in production.
+    test_crash_after_step: str = ""
 
 
 @section

@@ -126,6 +126,7 @@ class Coordinator:
             per_source=cfg.dist.per_source, max_attempts=cfg.dist.max_attempts,
             space_reserve=int(cfg.dist.space_reserve))
         self.runner = JobRunner(self.jobs, self.dispatcher, owner=runner_owner(cfg),
+                                crash_after_step=cfg.job.test_crash_after_step,
                                 types=[bind(CreateJob, self.template_services),
                                        bind(DeleteJob, self.template_services),
                                        bind(RedoJob, self.template_services)])

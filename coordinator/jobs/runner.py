@@ -15,6 +15,7 @@ finished the same way on resume.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,7 @@ CANCEL_POLL_S = 1.0
 class JobRunner:
     def __init__(self, store: JobStore, tasks: TaskPort | None, *, owner: str,
                  types: Iterable[type[JobType]] | None = None, lease_ms: int = LEASE_MS, poll_s: float = POLL_S,
-                 cancel_poll_s: float = CANCEL_POLL_S, max_concurrent: int = 32) -> None:
+                 cancel_poll_s: float = CANCEL_POLL_S, max_concurrent: int = 32, crash_after_step: str = "") -> None:
         self.store = store
         self.tasks = tasks
         self.owner = owner
@@ -46,6 +47,7 @@ class JobRunner:
         self.poll_s = poll_s
         self.cancel_poll_s = cancel_poll_s
         self.max_concurrent = max_concurrent
+        self.crash_after_step = crash_after_step  # test-only fault injection (job.test_crash_after_step)
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -188,6 +190,10 @@ class JobRunner:
                                              step_state=ctx.state, **ctx.take_staged())
                 if not ok:
                     raise JobLost(job_id)
+                if self.crash_after_step == name:
+                    log.critical("job %s: job.test_crash_after_step=%s: exiting now (test fault injection)",
+                                 job_id, name)
+                    os._exit(70)
         fields = {**ctx.take_staged(), **(await jt.result(ctx))}
         if not await asyncio.to_thread(self.store.finish, job_id, self.owner, tr.READY,
                                        step_state=ctx.state, **fields):

@@ -90,6 +90,13 @@ class CreateJob(JobType):
             raise TemplateNotFound(f"template {ctx.job['resource_id']} is gone", {})
         return tpl
 
+    async def _settle(self, ctx: JobContext) -> None:
+        """After a coordinator (re)start, wait for the known nodes to reconnect before choosing
+        any (at most the failover grace, NODE-8): a resumed job must not fail for nodes that are
+        merely not back yet (TPL-31)."""
+        while await ctx.db(self.services.fleet.settling):
+            await asyncio.sleep(0.2)
+
     def _credentials(self, ctx: JobContext) -> dict[str, str] | None:
         creds = self.services.credentials.get(ctx.job_id)
         if creds is None and ctx.state.get("inline_credentials"):
@@ -107,6 +114,7 @@ class CreateJob(JobType):
         tpl = self._template(ctx)
         spec = spec_of(tpl)
         await ctx.set_phase("PULLING")
+        await self._settle(ctx)
         nodes = targets(await ctx.db(self.services.fleet.candidates), spec.nodes)
         local = spec.image.startswith(LOCAL_PREFIXES)
         if local and not spec.builder and len(nodes) != 1:
@@ -150,6 +158,7 @@ class CreateJob(JobType):
         resolved = ctx.state["resolved"]
         layers = [LayerInfo(l["digest"], l["size"]) for l in resolved["layers"]]
         failed: list[str] = ctx.state.setdefault("failed_builders", [])
+        await self._settle(ctx)
         while True:
             builder = ctx.state.get("builder")
             if builder is None or builder in failed:
@@ -209,6 +218,7 @@ class CreateJob(JobType):
 
     async def step_distribute(self, ctx: JobContext) -> None:
         await ctx.set_phase("DISTRIBUTING")
+        await self._settle(ctx)
         art = await ctx.db(self.services.rows.artifact, ctx.job["artifact_id"])
         if art is None or art["status"] != tr.READY:
             raise TCError(f"artifact {ctx.job['artifact_id']} is not ready for distribution", {})

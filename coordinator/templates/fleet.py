@@ -41,6 +41,14 @@ class Fleet:
         return health, storage_mode(health, n.storage, warn=lim.warn, reject=lim.reject,
                                     delete_only=lim.delete_only, fresh=fresh)
 
+    def settling(self) -> bool:
+        """True while the coordinator is in its start-up grace (NODE-8) and some known node has
+        not reconnected yet: placement decisions made now would wrongly skip that node."""
+        reg = self.registry
+        if reg.clock() >= reg.grace_until:
+            return False
+        return any(n.session_id is None or reg.health(n) is not Health.READY for n in reg.nodes.values())
+
     def health(self, node_id: str) -> Health | None:
         n = self.registry.nodes.get(node_id)
         return None if n is None else self.registry.health(n)

@@ -29,6 +29,7 @@ class RedoJob(CreateJob):
 
     async def step_plan(self, ctx: JobContext) -> None:
         tpl = self._template(ctx)
+        await self._settle(ctx)
         ctx.state["targets"] = list(ctx.job.get("scope") or [])
         art = await ctx.db(self.services.rows.artifact, tpl["artifact_id"]) if tpl["artifact_id"] else None
         ready_holders = []

@@ -235,3 +235,36 @@ def test_target_killed_while_distributing_then_redo_failed_only_resumes(tmp_path
         assert ok and ok[-1]["fetched_bytes"] < ok[-1]["size"], ok
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("step", ["RESOLVE_IMAGE", "CLAIM_ARTIFACT", "BUILD", "REGISTER", "DISTRIBUTE"])
+def test_coordinator_crash_at_each_step_boundary_finishes_once(tmp_path: Path, step: str) -> None:
+    """TPL-31: the coordinator dies right after a CREATE step is persisted (test-only fault
+    injection ``job.test_crash_after_step``); restarted without it, the job finishes READY with
+    exactly one artifact row, one build and no stray files on any agent."""
+    import os
+    url = f"sqlite:///{tmp_path}/c.db"
+    cluster = Cluster(tmp_path, url, coord_extra=[f"job.test_crash_after_step={step}"])
+    try:
+        imports = tmp_path / "import"
+        ref = archive(imports)
+        start(cluster, ["node-a", "node-b"], imports)
+        rc, doc = cluster.tcctl("template", "create", "--image", ref, "--builder", "node-a", "--writable-size", "0")
+        assert rc == 0, doc
+        wait_for(lambda: not cluster.coordinator.alive(), 60, f"the crash after {step}")
+        assert "test fault injection" in cluster.coordinator.output()
+        cluster.coord_extra = []
+        cluster.start_coordinator(migrate=False)
+        rc, done = cluster.tcctl("job", "watch", doc["job"]["job_id"], "--wait-timeout", "90s", timeout=120)
+        assert rc == 0 and done["job"]["status"] == "READY", (done["job"]["error"], cluster.coordinator.output()[-3000:])
+        assert done["job"]["nodes"]["ready"] == 2
+        with sqlite3.connect(tmp_path / "c.db") as c:
+            assert c.execute("SELECT count(*) FROM artifacts").fetchone()[0] == 1
+            assert c.execute("SELECT count(*) FROM placements").fetchone()[0] == 2
+        assert build_tasks(cluster, "node-a") == 1
+        for node in ("node-a", "node-b"):
+            store = cluster.root / "agents" / node / "store"
+            assert sorted(os.listdir(store / "artifacts")) == [done["job"]["artifact_id"]]
+            assert os.listdir(store / "work") == []
+    finally:
+        cluster.stop()
