@@ -184,7 +184,7 @@ def test_every_command_json_is_one_document_with_spec_names(cluster: Cluster) ->
         argv = name.split(" ", 1)
         for a in REGISTRY[name].all_args():
             if a.positional and a.required:
-                argv.append("job-" + "0" * 24 if a.metavar == "JOB" else "n1")  # well-formed, unknown ids
+                argv.append({"JOB": "job-" + "0" * 24, "ART": "art-" + "0" * 24}.get(a.metavar or "", "n1"))
             elif a.required and a.cli:
                 argv += [a.option, "127.0.0.1:9/nothing/here:1"]
         rc, doc = cluster.tcctl(*argv)

@@ -71,6 +71,13 @@ def test_create_from_a_local_archive_ready_with_alias_and_views(cluster: Cluster
     assert rc == 0 and [j["job_id"] for j in jobs["jobs"]] == [job["job_id"]]
     art = cluster.root / "agents" / "node-a" / "store" / "artifacts" / job["artifact_id"] / "rootfs.ext4"
     assert art.exists()
+    rc, arts = cluster.tcctl("artifact", "list")
+    assert rc == 0 and [a["artifact_id"] for a in arts["artifacts"]] == [job["artifact_id"]]
+    rc, shown_art = cluster.tcctl("artifact", "show", job["artifact_id"])
+    a = shown_art["artifact"]
+    assert a["status"] == "READY" and a["size"] == art.stat().st_size and a["gc_deadline_ms"]
+    assert [p["node_id"] for p in a["placements"]] == ["node-a"]
+    assert a["references"]["templates"] == [doc["template_id"]] and a["references"]["replicas"] == 1
 
 
 def test_idempotency_and_a_second_template_adopts_the_build(cluster: Cluster, imports: Path) -> None:
@@ -268,3 +275,21 @@ def test_coordinator_crash_at_each_step_boundary_finishes_once(tmp_path: Path, s
             assert os.listdir(store / "work") == []
     finally:
         cluster.stop()
+
+
+def test_alias_conflict_goes_to_the_newer_job(cluster: Cluster, imports: Path) -> None:
+    """TPL-16: two templates ask for one alias; the one with the newer CREATE job holds it, the
+    other publishes without it."""
+    ref_one = archive(imports, "one.tar", b"one\n")
+    ref_two = archive(imports, "two.tar", b"two\n")
+    start(cluster, ["node-a"], imports)
+    rc, one = cluster.tcctl("template", "create", "--image", ref_one, "--builder", "node-a", "--alias", "web",
+                            "--wait", timeout=90)
+    assert rc == 0 and one["job"]["status"] == "READY", one
+    rc, two = cluster.tcctl("template", "create", "--image", ref_two, "--builder", "node-a", "--alias", "web",
+                            "--wait", timeout=90)
+    assert rc == 0 and two["job"]["status"] == "READY", two
+    rc, holder = cluster.tcctl("template", "show", "web")
+    assert holder["template"]["template_id"] == two["template_id"]
+    rc, loser = cluster.tcctl("template", "show", one["template_id"])
+    assert loser["template"]["alias"] is None and loser["template"]["status"] == "READY"
