@@ -3,18 +3,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from tests import oci
 from tests.layers import File, layer
 from tests.support import Cluster, wait_for
 
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """SQLite only: these end-to-end runs take seconds each, and the job and template stores
+    they exercise are tested on SQLite and PostgreSQL in test_job_store/test_job_runner."""
+    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 NODES = ["node-a", "node-b"]
 
 
-def start(cluster: Cluster, imports: Path) -> None:
+def start(cluster: Cluster, imports: Path, *extra: str) -> None:
     cluster.start_coordinator()
     for n in NODES:
-        cluster.start_agent(n, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1"])
+        cluster.start_agent(n, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1", *extra])
     wait_for(lambda: all(cluster.health().get(n) == "READY" for n in NODES), 30, "nodes READY")
 
 
@@ -61,8 +76,8 @@ def test_delete_removes_rows_and_last_owner_copies_but_keeps_shared_artifacts(cl
 def test_delete_is_refused_while_a_build_runs_and_force_cancels_it(cluster: Cluster, tmp_path: Path) -> None:
     """TPL-26, TPL-28: a running CREATE blocks deletion; --force ends it (JobCancelled) first."""
     imports = tmp_path / "import"
-    ref = image(imports, "big.tar", 160 << 20)
-    start(cluster, imports)
+    ref = image(imports, "big.tar", 64 << 20)
+    start(cluster, imports, "transfer.test_chunk_delay=300ms")  # a copy that takes seconds: still running
     doc = create(cluster, ref)
     rc, refused = cluster.tcctl("template", "delete", doc["template_id"])
     assert rc == 1 and refused["error"]["name"] == "TemplateAttemptInProgress"

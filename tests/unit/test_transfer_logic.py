@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.grants import Grant, GrantTable, short
-from agent.transfer import ChunkPlan, ResumeRecord, _write_sparse
+from agent.fetchstate import ChunkPlan, ResumeRecord
+from agent.transfer import _write_sparse
 from protocol.errors import MalformedMessage, TransferTokenExpired, TransferTokenInvalid
 from protocol.messages import Chunk, Fetch, Grant as GrantMsg, TokenGrant, TokenRequest
 
@@ -187,7 +188,7 @@ def test_transfer_messages_validate() -> None:
 
 def test_token_broker_without_a_session_fails_expired() -> None:
     """DIST-5: with no coordinator session to ask, an expired grant ends the task TransferTokenExpired."""
-    from agent.transfer import TokenBroker
+    from agent.fetchstate import TokenBroker
     broker = TokenBroker(wait=0.2)
     with pytest.raises(TransferTokenExpired):
         broker.request(ART, "node-a", None)
@@ -198,7 +199,7 @@ def test_token_broker_round_trip() -> None:
     import asyncio
     import threading
 
-    from agent.transfer import TokenBroker
+    from agent.fetchstate import TokenBroker
 
     async def scenario() -> tuple[str, int]:
         broker = TokenBroker(wait=5)

@@ -87,6 +87,19 @@ async def follow(ctx: Any, job_id: str, timeout: float | None) -> tuple[dict[str
         await asyncio.sleep(0.25)
 
 
+async def maybe_wait(ctx: Any, args: dict[str, Any], job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """With ``--wait``: follow the job (CLI-3) and fill ``job``, ``timed_out`` and, on a timeout,
+    ``follow_up`` and ``remaining`` (CLI-4)."""
+    if not args.get("wait"):
+        return result
+    info, timed_out = await follow(ctx, job_id, args.get("wait_timeout"))
+    result.update(job=info, timed_out=timed_out)
+    if timed_out:
+        result["follow_up"] = f"tcctl job watch {job_id}"
+        result["remaining"] = {"phase": info["phase"], "nodes_pending": info["nodes"]["pending"]}
+    return result
+
+
 def render_job(info: dict[str, Any], console: Any) -> None:
     err = info.get("error") or {}
     nodes = info.get("nodes") or {}

@@ -6,7 +6,7 @@ RESULT {job, timed_out, follow_up?}; tcctl exits 3 when the wait ran out.
 from __future__ import annotations
 
 from ..command import Command
-from ._jobs import JOB, WAIT_TIMEOUT, follow, get_job, render_job
+from ._jobs import JOB, WAIT_TIMEOUT, get_job, maybe_wait, render_job
 
 
 class JobWatch(Command):
@@ -16,12 +16,7 @@ class JobWatch(Command):
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
         await get_job(ctx, args["job"])  # JobNotFound before any waiting
-        info, timed_out = await follow(ctx, args["job"], args.get("wait_timeout"))
-        result = {"job": info, "timed_out": timed_out}
-        if timed_out:
-            result["follow_up"] = f"tcctl job watch {args['job']}"
-            result["remaining"] = {"phase": info["phase"], "nodes_pending": info["nodes"]["pending"]}
-        return result
+        return await maybe_wait(ctx, {**args, "wait": True}, args["job"], {})
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
         render_job(result["job"], console)

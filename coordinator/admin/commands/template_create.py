@@ -21,7 +21,7 @@ from protocol.errors import InvalidRequest
 from protocol.schema import Any_, Bool, Int, Map, SchemaError, Str
 
 from ..command import Arg, Command
-from ._jobs import WAIT, WAIT_TIMEOUT, follow, render_job
+from ._jobs import maybe_wait, WAIT, WAIT_TIMEOUT, render_job
 
 
 def _list(x: Any, p: str) -> list[Any]:
@@ -137,14 +137,7 @@ class TemplateCreate(Command):
         from ...jobs.store import job_info
         result: dict[str, Any] = {"template_id": job["resource_id"], "created": submitted.created,
                                   "job": job_info(job)}
-        if args.get("wait"):
-            info, timed_out = await follow(ctx, job["id"], args.get("wait_timeout"))
-            result["job"] = info
-            result["timed_out"] = timed_out
-            if timed_out:
-                result["follow_up"] = f"tcctl job watch {job['id']}"
-                result["remaining"] = {"phase": info["phase"], "nodes_pending": info["nodes"]["pending"]}
-        return result
+        return await maybe_wait(ctx, args, job["id"], result)
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
         console.print(f"template {result['template_id']}" + ("" if result.get("created") else " (existing request)"))

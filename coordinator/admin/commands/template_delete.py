@@ -18,7 +18,7 @@ from protocol.errors import TemplateAttemptInProgress, TemplateCleanupLocatorMis
 from protocol.schema import Bool
 
 from ..command import Arg, Command
-from ._jobs import TEMPLATE, WAIT, WAIT_TIMEOUT, follow, render_job, resolve_template, store
+from ._jobs import maybe_wait, TEMPLATE, WAIT, WAIT_TIMEOUT, render_job, resolve_template, store
 
 BUILD_OPS = ("CREATE", "REDO", "COMMIT")
 
@@ -60,13 +60,7 @@ class TemplateDelete(Command):
             ctx.wake_jobs()
         result: dict[str, Any] = {"template_id": tpl["id"], "created": submitted.created,
                                   "job": job_info(submitted.job)}
-        if args.get("wait"):
-            info, timed_out = await follow(ctx, submitted.job["id"], args.get("wait_timeout"))
-            result.update(job=info, timed_out=timed_out)
-            if timed_out:
-                result["follow_up"] = f"tcctl job watch {submitted.job['id']}"
-                result["remaining"] = {"phase": info["phase"]}
-        return result
+        return await maybe_wait(ctx, args, submitted.job["id"], result)
 
     @staticmethod
     def _unknown_nodes(ctx: Any, tpl: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ from protocol.errors import NoFailedTemplateReplicas, TemplateNotFound
 from protocol.schema import Bool
 
 from ..command import Arg, Command
-from ._jobs import TEMPLATE, WAIT, WAIT_TIMEOUT, follow, render_job, resolve_template, store
+from ._jobs import maybe_wait, TEMPLATE, WAIT, WAIT_TIMEOUT, render_job, resolve_template, store
 from .template_create import _list
 
 
@@ -64,13 +64,7 @@ class TemplateRedo(Command):
             ctx.wake_jobs()
         result: dict[str, Any] = {"template_id": tpl["id"], "created": submitted.created,
                                   "job": job_info(submitted.job)}
-        if args.get("wait"):
-            info, timed_out = await follow(ctx, submitted.job["id"], args.get("wait_timeout"))
-            result.update(job=info, timed_out=timed_out)
-            if timed_out:
-                result["follow_up"] = f"tcctl job watch {submitted.job['id']}"
-                result["remaining"] = {"phase": info["phase"], "nodes_pending": info["nodes"]["pending"]}
-        return result
+        return await maybe_wait(ctx, args, submitted.job["id"], result)
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
         console.print(f"template {result['template_id']}")
