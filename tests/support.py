@@ -28,6 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def async_wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> None:
+    """``wait_for`` for coroutines: poll ``pred`` without blocking the event loop."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``pred`` until it returns a truthy value; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -46,7 +46,7 @@ def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))
 
 
-def _sha(path: str) -> str:
+def sha256_file(path: "str | Path") -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -73,7 +73,7 @@ def snapshot(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, Meta]:
                 size=st.st_size if kind == "file" else 0, mtime_ns=st.st_mtime_ns,
                 link=os.readlink(path) if kind == "symlink" else "",
                 rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else (0, 0),
-                xattrs=_xattrs(path), sha256=_sha(path) if kind == "file" else "", ino=st.st_ino,
+                xattrs=_xattrs(path), sha256=sha256_file(path) if kind == "file" else "", ino=st.st_ino,
                 nlink=st.st_nlink if kind != "dir" else 0)
     return out
 

@@ -359,6 +359,3 @@ class CreateJob(JobType):
         if tpl is not None and tpl["status"] == tr.PENDING:
             await ctx.db(self.services.rows.publish, tpl["id"], ctx.job_id, tr.FAILED,
                          last_error=error.get("message", ""))
-
-    async def result(self, ctx: JobContext) -> dict[str, Any]:
-        return {}

@@ -89,6 +89,3 @@ class DeleteJob(JobType):
     async def cleanup(self, ctx: JobContext, error: Mapping[str, str]) -> None:
         """The template stays DELETING; a new delete resumes (TPL-27)."""
 
-    async def result(self, ctx: JobContext) -> dict[str, Any]:
-        return {}
-

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from tests.fake_coordinator import Coordinator, Notify
-from tests.support import Clock, Proc
+from tests.support import Clock, Cluster, Proc
 
 
 @pytest.fixture
@@ -54,3 +54,15 @@ def engine(db_url: str) -> Iterator[Any]:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture
+def sqlite_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster on SQLite only, for end-to-end runs that take seconds each: the job and
+    template stores they exercise are tested on SQLite and PostgreSQL in test_job_store and
+    test_job_runner."""
+    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db")
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -32,6 +32,7 @@ from tests import oci
 from tests.fake_coordinator import Coordinator, start_agent
 from tests.layers import Dir, File, layer
 from tests.support import Proc, wait_for
+from tests.treecmp import sha256_file
 
 ART_A = "art-" + "a1" * 12
 ART_C = "art-" + "c1" * 12
@@ -154,14 +155,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 p.kill()
         coord.close()
         ctx.destroy(linger=0)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
 
 
 def test_fetch_copies_a_built_artifact_and_keeps_it_sparse(fleet: Fleet) -> None:

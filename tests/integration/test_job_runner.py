@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Clock
+from tests.support import Clock, async_wait_for
 
 from coordinator.jobs.base import JobContext, JobType
 from coordinator.jobs.runner import JobRunner
@@ -252,8 +252,7 @@ def test_crash_during_cleanup_is_finished_on_resume(engine, clock: Clock) -> Non
     async def first() -> None:
         runner = JobRunner(store, tasks, owner="c1", types=[example_type(rec)])
         await runner.run_once()
-        while not rec.cleanups:
-            await asyncio.sleep(0.01)
+        await async_wait_for(lambda: rec.cleanups, 30, "the cleanup", 0.01)
         await runner.stop()
 
     asyncio.run(first())
@@ -304,8 +303,7 @@ def test_loop_picks_up_submitted_jobs(engine, clock: Clock) -> None:
         await runner.start()
         job_id = await asyncio.to_thread(submit, store)
         runner.wake()
-        while store.get_job(job_id)["status"] != "READY":
-            await asyncio.sleep(0.01)
+        await async_wait_for(lambda: store.get_job(job_id)["status"] == "READY", 30, "the job READY", 0.01)
         await runner.stop()
         return job_id
 

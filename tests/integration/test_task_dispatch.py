@@ -18,7 +18,7 @@ from protocol import ids
 from protocol.errors import ImageNotFound, NodeUnavailable
 from tests import oci
 from tests.layers import Dir, File, layer
-from tests.support import Cluster, Proc
+from tests.support import Cluster, Proc, async_wait_for
 
 ART = "art-" + "7" * 24
 
@@ -27,14 +27,6 @@ def coordinator_cfg(cluster: Cluster) -> Any:
     argv = cluster.coordinator_argv()
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     return load_config(None, [*sets, "task.accept_timeout=1s"])
-
-
-async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def in_cluster(tmp_path: Path, db_url: str, body: Callable[[Coordinator, Cluster, Path], Awaitable[None]]) -> None:
@@ -64,7 +56,7 @@ def start_agent(cluster: Cluster, imports: Path, node: str) -> Proc:
 
 async def ready(coord: Coordinator, node: str) -> None:
     reg = coord.registry
-    await until(lambda: node in reg.nodes and reg.health(reg.nodes[node]) is Health.READY, 30, f"{node} READY")
+    await async_wait_for(lambda: node in reg.nodes and reg.health(reg.nodes[node]) is Health.READY, 30, f"{node} READY")
 
 
 def test_build_task_progress_result_and_errors(tmp_path: Path) -> None:
@@ -119,7 +111,7 @@ def test_restarted_agent_gets_the_task_again_and_answers_once(tmp_path: Path) ->
             "node-c", "BUILD_ARTIFACT", {"artifact_id": ART, "image": f"oci-archive:{imports}/big.tar:v1",
                                          "writable_size": 0},
             ids.task_id("job-" + "2" * 24, "BUILD", "node-c", 1), on_progress=lambda p: phases.append(p["phase"])))
-        await until(lambda: bool(phases), 30, "build progress")
+        await async_wait_for(lambda: bool(phases), 30, "build progress")
         agent.kill()
         cluster.agents.pop("node-c")
         start_agent(cluster, imports, "node-c")

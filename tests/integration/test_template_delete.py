@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -13,14 +12,8 @@ from tests.support import Cluster, wait_for
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """SQLite only: these end-to-end runs take seconds each, and the job and template stores
-    they exercise are tested on SQLite and PostgreSQL in test_job_store/test_job_runner."""
-    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db")
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(sqlite_cluster: Cluster) -> Cluster:
+    return sqlite_cluster  # one backend: see the sqlite_cluster fixture
 
 
 NODES = ["node-a", "node-b"]

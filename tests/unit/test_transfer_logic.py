@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import async_wait_for
+
 from agent.grants import Grant, GrantTable, short
 from agent.fetchstate import ChunkPlan, ResumeRecord
 from agent.transfer import _write_sparse
@@ -216,8 +218,7 @@ def test_token_broker_round_trip() -> None:
         out: list[tuple[str, int]] = []
         t = threading.Thread(target=lambda: out.append(broker.request(ART, "node-a", None)))
         t.start()
-        while t.is_alive():
-            await asyncio.sleep(0.01)
+        await async_wait_for(lambda: not t.is_alive(), 30, "the token request", 0.01)
         assert sent and sent[0].source_node == "node-a"
         return out[0]
 
