@@ -32,10 +32,16 @@ def bash_script(registry: dict[str, type[Command]], prog: str = "tcctl") -> str:
     ]
     value_opts: set[str] = set(COMMON_VALUE_OPTS)
     body: list[str] = []
+    subverbs: dict[str, list[str]] = {}
     for name in sorted(registry):
         cls = registry[name]
-        group, _, verb = name.partition(" ")
-        groups.setdefault(group, []).append(verb)
+        group, *rest = name.split(" ")
+        verb = " ".join(rest)
+        if len(rest) > 1:  # "template alias set": "alias" is a verb of template, "set" a sub-verb
+            groups.setdefault(group, []).append(rest[0])
+            subverbs.setdefault(_key(group, rest[0]), []).append(" ".join(rest[1:]))
+        else:
+            groups.setdefault(group, []).append(verb)
         k = _key(group, verb)
         opts = list(COMMON_OPTS)
         for a in cls.all_args():
@@ -57,7 +63,9 @@ def bash_script(registry: dict[str, type[Command]], prog: str = "tcctl") -> str:
             body.append(f"_tcctl_opts_{_key(group, verb)}={_q(opts)}")
     lines.append(f"_tcctl_groups={_q(sorted(groups))}")
     for group, verbs in sorted(groups.items()):
-        lines.append(f"_tcctl_verbs_{_key(group)}={_q(sorted(verbs))}")
+        lines.append(f"_tcctl_verbs_{_key(group)}={_q(sorted(set(verbs)))}")
+    for k, subs in sorted(subverbs.items()):
+        lines.append(f"_tcctl_verbs_{k}={_q(sorted(set(subs)))}")
     lines += body
     lines.append(f"_tcctl_valopts={_q(sorted(value_opts))}")
     lines.append(_FUNCTIONS.replace("@PROG@", prog))
@@ -81,7 +89,7 @@ _tcctl_node_ids() {
 }
 
 _tcctl() {
-    local cur prev w i group="" verb="" skip=0 key var
+    local cur prev w i group="" verb="" sub="" skip=0 key var
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     for ((i=1; i<COMP_CWORD; i++)); do
@@ -89,7 +97,11 @@ _tcctl() {
         if ((skip)); then skip=0; continue; fi
         case " $_tcctl_valopts " in *" $w "*) skip=1; continue ;; esac
         case "$w" in -*) continue ;; esac
-        if [[ -z $group ]]; then group="$w"; elif [[ -z $verb ]]; then verb="$w"; fi
+        if [[ -z $group ]]; then group="$w"
+        elif [[ -z $verb ]]; then verb="$w"
+        elif [[ -z $sub ]]; then var="_tcctl_verbs_${group//[^A-Za-z0-9]/_}__${verb//[^A-Za-z0-9]/_}"
+            [[ -n ${!var:-} ]] && sub="$w"
+        fi
     done
     if [[ -z $group ]]; then
         COMPREPLY=($(compgen -W "$_tcctl_groups --help --version" -- "$cur"))
@@ -102,6 +114,14 @@ _tcctl() {
         return 0
     fi
     key="${key}__${verb//[^A-Za-z0-9]/_}"
+    var="_tcctl_verbs_$key"
+    if [[ -n ${!var:-} ]]; then  # a verb with sub-verbs (template alias set)
+        if [[ -z $sub ]]; then
+            COMPREPLY=($(compgen -W "${!var} --help" -- "$cur"))
+            return 0
+        fi
+        key="${key}_${sub//[^A-Za-z0-9]/_}"
+    fi
     case " $_tcctl_valopts " in
         *" $prev "*)
             var="_tcctl_choices_${key}__${prev//[^A-Za-z0-9]/_}"

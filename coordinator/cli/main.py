@@ -81,14 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tcctl {_version()}")
     groups = p.add_subparsers(dest="group", metavar="GROUP", required=True)
     common = _common()
-    by_group: dict[str, Any] = {}
+    # Subparser actions by word prefix: ("template",) holds "create", "alias", …; ("template",
+    # "alias") holds "set" — a command name may have more than two words (template alias set).
+    levels: dict[tuple[str, ...], Any] = {(): groups}
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
-        group, _, verb = name.partition(" ")
-        if group not in by_group:
-            gp = groups.add_parser(group, help=f"{group} commands")
-            by_group[group] = gp.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-        sp = by_group[group].add_parser(verb, parents=[common], help=cls.summary, description=cls.summary)
+        words = tuple(name.split(" "))
+        for depth in range(1, len(words)):
+            prefix = words[:depth]
+            if prefix not in levels:
+                parent = levels[prefix[:-1]]
+                gp = parent.add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                levels[prefix] = gp.add_subparsers(dest="verb" if depth == 1 else f"verb{depth}",
+                                                   metavar="COMMAND", required=True)
+        sp = levels[words[:-1]].add_parser(words[-1], parents=[common], help=cls.summary, description=cls.summary)
         sp.set_defaults(command=name)
         for a in cls.all_args():
             if not a.cli:

@@ -168,6 +168,47 @@ class Rows:
                     raise
         return ""
 
+    def set_alias(self, template_id: str, alias: str, *, transfer: bool) -> dict[str, Any]:
+        """TPL-18 in one transaction: "" clears (any non-DELETING template; nothing to clear is
+        a no-op); a claim needs READY and an alias nobody else holds, unless ``transfer``
+        releases it from its holder in the same transaction. Retried once on a unique conflict
+        (a concurrent claim): the second round sees the other holder and answers accordingly."""
+        from protocol.errors import DuplicateTemplate, TemplateNotFound, TemplateNotReady
+        for attempt in range(2):
+            try:
+                with self.sessions.begin() as s:
+                    tpl = s.execute(select(T).where(T.c.id == template_id)).mappings().first()
+                    if tpl is None or tpl["status"] == tr.DELETING:
+                        raise TemplateNotFound(f"template {template_id} not found", {"template": template_id})
+                    before = tpl["alias"]
+                    result = {"template_id": template_id, "alias": alias or None, "previous": before,
+                              "released_from": None, "changed": before != (alias or None)}
+                    if not alias:
+                        if before is not None:
+                            s.execute(update(T).where(T.c.id == template_id)
+                                      .values(alias=None, updated_ms=self.now_ms()))
+                        return result
+                    if tpl["status"] != tr.READY:
+                        raise TemplateNotReady(f"template {template_id} is {tpl['status']}; an alias can only be "
+                                               "claimed by a READY template",
+                                               {"template_id": template_id, "status": tpl["status"]})
+                    if before == alias:
+                        return result
+                    holder = s.execute(select(T.c.id).where(T.c.alias == alias, T.c.id != template_id)).scalar()
+                    if holder is not None:
+                        if not transfer:
+                            raise DuplicateTemplate(f"alias {alias} is held by template {holder}; use --transfer "
+                                                    "to move it", {"alias": alias, "holder": holder})
+                        s.execute(update(T).where(T.c.id == holder).values(alias=None, updated_ms=self.now_ms()))
+                        s.flush()  # release before the claim: the unique index sees one holder at a time
+                        result["released_from"] = holder
+                    s.execute(update(T).where(T.c.id == template_id).values(alias=alias, updated_ms=self.now_ms()))
+                    return result
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise Internal("unreachable")
+
     @staticmethod
     def _newer(s: Session, holder: str, job_id: str) -> bool:
         """Whether ``holder``'s newest CREATE/REDO job is newer than ``job_id`` (TPL-16)."""

@@ -254,8 +254,10 @@ def test_completion_bash_is_valid_and_covers_the_registry() -> None:
     for name in REGISTRY:
         if name.startswith("test "):
             continue
-        group, _, verb = name.partition(" ")
+        group, verb, *sub = name.split(" ")
         assert re.search(rf"_tcctl_verbs_{group}=.*\b{verb}\b", script), name
+        if sub:
+            assert re.search(rf"_tcctl_verbs_{group}__{verb}=.*\b{sub[0]}\b", script), name
     assert "source <(tcctl completion bash)" in script
     assert "source <(tcctl completion bash)" in tcctl_raw("completion", "bash", "--help").stdout
 
@@ -272,3 +274,6 @@ COMP_WORDS=({ws}); COMP_CWORD={len(words) - 1}; _tcctl; echo "${{COMPREPLY[@]}}"
     assert complete("tcctl", "node", "drain", "n1", "--wa") == ["--wait", "--wait-timeout"]
     assert complete("tcctl", "node", "list", "--health", "") == ["WARMING", "READY", "SUSPECT", "LOST"]
     assert complete("tcctl", "node", "list", "--json", "--admin", "D") == ["DRAINING"]
+    assert complete("tcctl", "template", "al") == ["alias"]
+    assert complete("tcctl", "template", "alias", "") == ["set", "--help"]
+    assert complete("tcctl", "template", "alias", "set", "tpl-x", "demo", "--tr") == ["--transfer"]

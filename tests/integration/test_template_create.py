@@ -108,7 +108,8 @@ def test_idempotency_and_a_second_template_adopts_the_build(cluster: Cluster, im
 
 def test_failed_build_fails_the_job_and_the_template(cluster: Cluster, imports: Path) -> None:
     """CONV-5, TPL-15: an image that is not there → the job FAILED at 100 with the agent's error;
-    the template FAILED with the message; nothing claimed stays BUILDING."""
+    the template FAILED with the message; nothing claimed stays BUILDING; TPL-18: it cannot
+    claim an alias."""
     imports.mkdir()
     start(cluster, ["node-a"], imports)
     rc, doc = cluster.tcctl("template", "create", "--image", f"oci-archive:{imports}/missing.tar:v1",
@@ -118,6 +119,9 @@ def test_failed_build_fails_the_job_and_the_template(cluster: Cluster, imports: 
     assert job["status"] == "FAILED" and job["progress"] == 100 and job["error"]["name"] == "ImageNotFound"
     rc, shown = cluster.tcctl("template", "show", doc["template_id"])
     assert shown["template"]["status"] == "FAILED" and shown["template"]["last_error"]
+    rc, err = cluster.tcctl("template", "alias", "set", doc["template_id"], "broken")
+    assert rc == 1 and err["error"]["name"] == "TemplateNotReady", err  # TPL-18: a claim needs READY
+    assert "FAILED" in err["error"]["message"]
 
 
 def test_registry_credentials_stay_in_memory(cluster: Cluster, imports: Path,
@@ -285,7 +289,7 @@ def test_coordinator_crash_at_each_step_boundary_finishes_once(tmp_path: Path, s
 
 def test_alias_conflict_goes_to_the_newer_job(cluster: Cluster, imports: Path) -> None:
     """TPL-16: two templates ask for one alias; the one with the newer CREATE job holds it, the
-    other publishes without it."""
+    other publishes without it. TPL-18: `alias set` moves it only with --transfer, clears with ""."""
     ref_one = archive(imports, "one.tar", b"one\n")
     ref_two = archive(imports, "two.tar", b"two\n")
     start(cluster, ["node-a"], imports)
@@ -299,3 +303,25 @@ def test_alias_conflict_goes_to_the_newer_job(cluster: Cluster, imports: Path) -
     assert holder["template"]["template_id"] == two["template_id"]
     rc, loser = cluster.tcctl("template", "show", one["template_id"])
     assert loser["template"]["alias"] is None and loser["template"]["status"] == "READY"
+
+    # TPL-18: a held alias needs --transfer; the move is one transaction; "" clears.
+    first = one["template_id"]
+    rc, err = cluster.tcctl("template", "alias", "set", first, "web")
+    assert rc == 1 and err["error"]["name"] == "DuplicateTemplate", err
+    assert two["template_id"] in err["error"]["message"] and "--transfer" in err["error"]["message"]
+    rc, moved = cluster.tcctl("template", "alias", "set", first, "web", "--transfer")
+    assert rc == 0 and (moved["alias"], moved["released_from"]) == ("web", two["template_id"]), moved
+    rc, holder = cluster.tcctl("template", "show", "web")
+    assert holder["template"]["template_id"] == first
+    rc, again = cluster.tcctl("template", "alias", "set", "web", "web")
+    assert rc == 0 and again["changed"] is False
+    rc, bad = cluster.tcctl("template", "alias", "set", first, "tpl-nope")
+    assert rc == 1 and bad["error"]["name"] == "InvalidAlias", bad
+    rc, snap = cluster.tcctl("template", "alias", "set", "snap-0123456789abcdef", "x")
+    assert rc == 1 and snap["error"]["name"] == "AliasNotApplicableToSnapshot", snap
+    rc, cleared = cluster.tcctl("template", "alias", "set", "web", "")
+    assert rc == 0 and (cleared["alias"], cleared["previous"]) == (None, "web"), cleared
+    rc, gone = cluster.tcctl("template", "show", "web")
+    assert rc == 1 and gone["error"]["name"] == "TemplateNotFound"
+    rc, noop = cluster.tcctl("template", "alias", "set", first, "")
+    assert rc == 0 and noop["changed"] is False

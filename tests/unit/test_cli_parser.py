@@ -30,7 +30,7 @@ def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
 
 def _argv(name: str, *extra: str) -> list[str]:
     """A minimal valid command line for a registered command."""
-    argv = name.split(" ", 1)
+    argv = name.split(" ")
     for a in REGISTRY[name].all_args():
         if a.positional and a.required:
             argv.append("n1")
@@ -43,8 +43,9 @@ def test_parser_has_every_registry_command() -> None:
     """CLI-5, STYLE 2: every registered command is a tcctl subcommand with its options."""
     groups = _subparsers(build_parser())
     for name, cls in REGISTRY.items():
-        group, _, verb = name.partition(" ")
-        sp = _subparsers(groups[group])[verb]
+        sp = groups
+        for word in name.split(" "):  # three-word names nest: template → alias → set
+            sp = _subparsers(sp)[word] if not isinstance(sp, dict) else sp[word]
         options = {s for a in sp._actions for s in a.option_strings}
         assert {"--json", "--endpoint", "--timeout"} <= options, name
         for a in cls.all_args():
