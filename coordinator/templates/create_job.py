@@ -24,8 +24,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, ClassVar, Mapping
 
-from protocol.errors import (ImageAuthFailed, InvalidRequest, NodeUnavailable, TCError, TemplateHasNoReadyReplica,
-                             TemplateNotFound)
+from protocol.errors import (ArtifactChecksumMismatch, ImageAuthFailed, InvalidRequest, NodeUnavailable, TCError,
+                             TemplateHasNoReadyReplica, TemplateNotFound)
 from protocol.fingerprints import artifact_id, image_fingerprint
 
 from ..jobs import transitions as tr
@@ -287,7 +287,11 @@ class CreateJob(JobType):
                     continue
                 msg = exc.message if isinstance(exc, TCError) else str(exc)
                 log.warning("job %s: %s → %s failed: %s", ctx.job_id, source, target, msg)
-                if isinstance(exc, NodeUnavailable) and exc.details.get("node") == source and source in sources:
+                if source in sources and (
+                        (isinstance(exc, NodeUnavailable) and exc.details.get("node") == source)
+                        # A source that kept sending bad chunks (or a whole file that does not
+                        # match) is not asked again in this job: its copy or its wire lies.
+                        or (isinstance(exc, ArtifactChecksumMismatch) and exc.details.get("source") == source)):
                     sources.remove(source)
                 if attempts[target] < self.services.max_attempts:
                     pending.append(target)

@@ -147,18 +147,23 @@ def test_registry_credentials_stay_in_memory(cluster: Cluster, imports: Path,
 
 
 def test_create_on_three_agents_distributes_agent_to_agent(cluster: Cluster, imports: Path) -> None:
-    """TPL-13, DIST-2 to DIST-7: built once on the builder, fetched by the two other agents; the
-    ext4 has the same sha256 on every node; three READY replicas with pins; placements for all."""
+    """TPL-13, DIST-2 to DIST-7, WIRE-16: built once on the builder, fetched by the two other
+    agents (a chunk corrupted in flight is asked again); the ext4 has the same sha256 on every
+    node; three READY replicas with pins. Then a source that keeps lying is replaced."""
     import hashlib
     import os
     imports.mkdir()
     img = oci.image([layer([Dir("etc"), File("etc/hello", b"hi\n"), File("blob", os.urandom(6 << 20))])])
     oci.write_oci_archive(imports / "img.tar", img, tag="v1")
     nodes = ["node-a", "node-b", "node-c"]
-    start(cluster, nodes, imports)
+    # The builder flips a byte in the first chunk it serves (test-only fault): re-requested.
+    cluster.start_coordinator()
+    cluster.start_agent("node-a", [f'image.local_roots=["{imports}"]', "transfer.test_corrupt_chunks=1"])
+    start(cluster, nodes[1:], imports)
     rc, doc = cluster.tcctl("template", "create", "--image", f"oci-archive:{imports}/img.tar:v1",
                             "--builder", "node-a", "--writable-size", "64MiB", "--wait", timeout=120)
     assert rc == 0 and doc["job"]["status"] == "READY", doc
+    assert any("failed its digest: asking again" in cluster.agents[n].output() for n in nodes[1:])
     assert doc["job"]["nodes"] == {"expected": 3, "ready": 3, "failed": 0, "pending": 0}
     rc, shown = cluster.tcctl("template", "show", doc["template_id"])
     reps = shown["template"]["replicas"]
@@ -172,6 +177,23 @@ def test_create_on_three_agents_distributes_agent_to_agent(cluster: Cluster, imp
         assert path.stat().st_blocks * 512 < path.stat().st_size  # still sparse after the copy
     assert len(digests) == 1
     assert build_tasks(cluster, "node-b") == build_tasks(cluster, "node-c") == 0
+
+    # DIST-5, WIRE-16: node-a now lies about every chunk. node-c's copy is damaged, so `redo
+    # --nodes node-c` refetches it; node-a is asked first (ties go to the lowest node id), fails
+    # its digests, and is replaced by node-b. The copy that lands has the registered sha256.
+    cluster.agents["node-a"].stop()
+    cluster.start_agent("node-a", [f'image.local_roots=["{imports}"]', "transfer.test_corrupt_chunks=100000"])
+    wait_for(lambda: "session " in cluster.agents["node-a"].output(), 30, "node-a back in session")
+    wait_for(lambda: cluster.health().get("node-a") == "READY", 30, "node-a READY")
+    damaged = cluster.root / "agents" / "node-c" / "store" / "artifacts" / art / "rootfs.ext4"
+    with open(damaged, "r+b") as fh:
+        fh.write(b"\xff" * 16)
+    rc, redo = cluster.tcctl("template", "redo", doc["template_id"], "--nodes", "node-c", "--wait", timeout=120)
+    assert rc == 0 and redo["job"]["status"] == "READY", redo
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() in digests
+    log = cluster.coordinator.output()
+    assert "node-a → node-c failed" in log, log[-3000:]
+    assert "failed its digest: asking again" in cluster.agents["node-c"].output()
 
 
 def test_coordinator_killed_mid_build_resumes_and_builds_once(cluster: Cluster, imports: Path) -> None:
