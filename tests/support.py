@@ -147,6 +147,8 @@ class Cluster:
         return argv
 
     def start_coordinator(self, migrate: bool = True) -> Proc:
+        # Two coordinators on one endpoint would leak the first past stop(): refuse.
+        assert self.coordinator is None or not self.coordinator.alive(), "a coordinator is already running"
         self.coordinator = Proc("coordinator", self.coordinator_argv(migrate), self.root / "coordinator.log",
                                 self.env()).start()
         wait_for(lambda: self.tcctl("node", "list", timeout=2)[0] == 0 or not self.coordinator.alive(),

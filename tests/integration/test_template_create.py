@@ -25,7 +25,8 @@ PASSWORD = "tpl-create-Secr3t-never-stored"
 
 
 def start(cluster: Cluster, nodes: list[str], imports: Path, *extra: str) -> None:
-    cluster.start_coordinator()
+    if cluster.coordinator is None:
+        cluster.start_coordinator()
     for n in nodes:
         cluster.start_agent(n, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1", *extra])
     wait_for(lambda: all(cluster.health().get(n) == "READY" for n in nodes), 30, f"{nodes} READY")
