@@ -228,9 +228,10 @@ class BlobServer:
         try:
             loop = asyncio.get_running_loop()
             try:
-                chunk = await loop.run_in_executor(self._pool, self._read, job)
+                # Read, digest and encode in the pool: packing 1 MiB is a copy the event loop
+                # (which also receives every FETCH) should not make.
+                frames = await loop.run_in_executor(self._pool, self._read_frames, job)
                 self.served_bytes += job.length
-                frames = chunk.to_frames(job.identity)
             except OSError as exc:  # the file vanished or the disk failed: the target tries elsewhere
                 log.warning("FETCH %s %s@%d failed: %s", job.fetch.artifact_id, job.fetch.file,
                             job.fetch.offset, exc)
@@ -244,6 +245,9 @@ class BlobServer:
             await self._reply(frames)
         finally:
             self._slots.release()
+
+    def _read_frames(self, job: _Read) -> list[bytes]:
+        return self._read(job).to_frames(job.identity)
 
     def _read(self, job: _Read) -> Chunk:
         """In a pool thread: the bytes, their digest (cached) and the zero flag."""

@@ -28,7 +28,7 @@ is what the source's grant matches (``agent/grants.py``) — and pulls each file
   directory, then the catalog entry (kind ``artifact``, state ``verified``; CAT-8);
 * TransferTokenExpired from the source → a TOKEN_REQUEST through the session
   (:class:`TokenBroker`); the FETCHes go on with the new token. TransferTokenInvalid ends the
-  task (DIST-5). No reply for ``stall_timeout`` (10 s) → NodeUnavailable naming the source;
+  task (DIST-5). No reply for ``transfer.stall_timeout`` (10 s) → NodeUnavailable naming the source;
   a cancel is noticed within half a second.
 
 While a fetch runs the artifact has a catalog entry in state ``partial`` (CAT-1), so the
@@ -138,7 +138,7 @@ class TransferService:
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, grants: GrantTable, zctx: zmq.Context[Any],
                  pair: KeyPair | None = None, store: Store | None = None, *,
-                 stall_timeout: float = 10.0, broker: TokenBroker | None = None) -> None:
+                 broker: TokenBroker | None = None) -> None:
         self.cfg = cfg
         self.catalog = catalog
         self.grants = grants
@@ -146,7 +146,7 @@ class TransferService:
         self.broker = broker or TokenBroker()
         self._zctx = zctx
         self._pair = pair
-        self._stall = stall_timeout
+        self._stall = float(cfg.transfer.stall_timeout)
         self._limits = cfg.codec.limits()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()

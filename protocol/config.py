@@ -254,6 +254,9 @@ class TransferConfig:
     window: int = 8
     chunk_retries: int = 3
     token_ttl: Duration = Duration(3600.0)
+    # A source that answers nothing this long while FETCHes are outstanding fails the fetch
+    # with NodeUnavailable naming it, so the coordinator can pick another source (DIST-5).
+    stall_timeout: Duration = Duration(10.0)
     # Test-only fault injection on a source agent's blob endpoint; leave at the defaults.
     # test_corrupt_chunks: flip one byte in each of the first N chunks served (the digest stays
     # the true one, so targets see a bad chunk). test_chunk_delay: wait this long before each reply.
@@ -265,6 +268,8 @@ class TransferConfig:
             raise ValueError("transfer.chunk must be from 1 B to 1 MiB (WIRE-16)")
         if self.window < 1 or self.chunk_retries < 1:
             raise ValueError("transfer.window and transfer.chunk_retries must be at least 1")
+        if self.stall_timeout <= 0:
+            raise ValueError("transfer.stall_timeout must be positive")
         if self.test_corrupt_chunks < 0 or self.test_chunk_delay < 0:
             raise ValueError("transfer.test_corrupt_chunks and transfer.test_chunk_delay must not be negative")
 

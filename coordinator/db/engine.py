@@ -82,3 +82,21 @@ def ensure_schema(engine: Engine, *, migrate_now: bool) -> str:
             f"database {safe} schema is at {current or 'nothing'}, head is {head}; "
             "run tc-coordinator --migrate", {"url": safe, "current": current, "head": head})
     return head
+
+
+# SQLSTATEs that mean "another transaction was in the way; running it again may succeed":
+# deadlock_detected, lock_not_available, serialization_failure (PostgreSQL).
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "55P03", "40001"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether a DBAPI error is a deadlock or lock timeout (TPL-17): PostgreSQL by SQLSTATE,
+    SQLite by its "database is locked" busy error."""
+    from sqlalchemy.exc import DBAPIError
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(orig) or "database table is locked" in str(orig)

@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.errors import Internal
 
+from ..db.engine import is_lock_conflict
 from ..db.models import Artifact, Job, Placement, Replica, Template
 from ..jobs import transitions as tr
 
@@ -140,8 +141,10 @@ class Rows:
                 runtime_config: dict[str, Any] | None = None, claim_alias: bool = True) -> str:
         """TPL-14, TPL-16, TPL-17: claim the requested alias (when the status is not FAILED) and
         write the aggregate status in one transaction; a conflicting alias goes to the template
-        with the newer CREATE/REDO job, the loser publishes without it. Returns a warning ("" if none)."""
-        for attempt in range(2):
+        with the newer CREATE/REDO job, the loser publishes without it. Returns a warning ("" if none).
+        Retried once on a deadlock or lock timeout and once on a unique-key conflict (TPL-17)."""
+        conflicts = locks = 0
+        for _ in range(3):
             warning = ""
             try:
                 with self.sessions.begin() as s:
@@ -164,9 +167,14 @@ class Rows:
                                        {"template_id": template_id})
                 return warning
             except IntegrityError:
-                if attempt:
+                if conflicts:
                     raise
-        return ""
+                conflicts += 1
+            except DBAPIError as exc:
+                if locks or not is_lock_conflict(exc):
+                    raise
+                locks += 1
+        raise Internal(f"publishing template {template_id} kept conflicting", {"template_id": template_id})
 
     def set_alias(self, template_id: str, alias: str, *, transfer: bool) -> dict[str, Any]:
         """TPL-18 in one transaction: "" clears (any non-DELETING template; nothing to clear is
