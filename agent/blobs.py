@@ -48,6 +48,7 @@ from protocol.errors import InvalidRequest, TCError, UnsupportedMessage, error_c
 from protocol.keys import KeyPair
 from protocol.message import body_msg_id
 from protocol.messages import Chunk, Error, Fetch
+from protocol.peers import PeerTable
 
 from .catalog import Catalog
 from .config import AgentConfig
@@ -99,6 +100,15 @@ class _AllowAll:
         return True
 
 
+def _peer_name(peer: bytes) -> str:
+    """A CURVE key prints as itself (Z85 is printable), a ROUTER identity as hex."""
+    try:
+        text = peer.decode("ascii")
+        return text if text.isprintable() else peer.hex()
+    except UnicodeDecodeError:
+        return peer.hex()
+
+
 class BlobServer:
     """Owns the blob ROUTER; ``bind()`` before READY, then run ``serve()`` as a task.
 
@@ -125,8 +135,10 @@ class BlobServer:
             self._sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
             self._sock.setsockopt(zmq.CURVE_SERVER, 1)
         self.endpoint = ""
-        # reason -> count; per-peer counters and the SEC-8 cool-down are not kept here yet.
+        # reason -> count, and per peer (its CURVE key, else its ROUTER identity) for SEC-8: a
+        # peer past security.max_bad_msgs bad requests a minute is ignored for the cool-down.
         self.counters: collections.Counter[str] = collections.Counter()
+        self.peers = PeerTable(cfg.security.max_bad_msgs, float(cfg.security.bad_peer_cooldown))
         self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blob-read")
         self._slots = asyncio.Semaphore(4 * READ_THREADS)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -152,8 +164,12 @@ class BlobServer:
                     except zmq.ZMQError:
                         key = None
                 raw = [f.bytes for f in frames]
+                peer = key.encode() if key else raw[0]
+                if self.peers.ignored(peer):
+                    self.counters["ignored"] += 1
+                    continue
                 try:
-                    reply = self._handle(raw, key)
+                    reply = self._handle(raw, key, peer)
                 except Exception:  # noqa: BLE001 — a bad request must never stop the blob server (WIRE-5)
                     log.exception("blob request handling failed")
                     self.counters["internal"] += 1
@@ -176,15 +192,22 @@ class BlobServer:
             self.counters["reply_dropped"] += 1
             log.debug("blob reply dropped: %s", exc)
 
-    def _handle(self, frames: list[bytes], key: str | None) -> list[bytes] | _Read | None:
+    def _bad(self, peer: bytes, reason: str, *, dropped: bool) -> None:
+        self.counters[reason] += 1
+        c = self.peers.record(peer, dropped=dropped)
+        if c.window_bad == self.peers.max_bad + 1:
+            log.warning("blob endpoint: peer %s sent more than %d bad requests in a minute; ignoring it for %gs",
+                        _peer_name(peer), self.peers.max_bad, self.peers.cooldown)
+
+    def _handle(self, frames: list[bytes], key: str | None, peer: bytes = b"") -> list[bytes] | _Read | None:
         try:
             env = parse(frames, router=True, limits=self._limits)
         except FrameDropped as exc:
-            self.counters[f"dropped:{exc.reason}"] += 1
+            self._bad(peer, f"dropped:{exc.reason}", dropped=True)
             log.info("blob endpoint dropped a frame: %s", exc.reason)
             return None
         except TCError as exc:  # UnsupportedProtocol or MalformedMessage: the peer gets told why
-            self.counters[exc.name] += 1
+            self._bad(peer, exc.name, dropped=False)
             return Error.of(exc).to_frames(bytes(frames[0]))
         parent = body_msg_id(env)
         assert env.identity is not None
@@ -195,7 +218,7 @@ class BlobServer:
                                          {"type": env.msg_type})
             return self._check_fetch(env.identity, body, key)
         except TCError as exc:
-            self.counters[exc.name] += 1
+            self._bad(peer, exc.name, dropped=False)
             if exc.name.startswith("TransferToken"):
                 log.info("FETCH refused (%s): %s", exc.name, exc.message)
             return Error.of(exc, parent).to_frames(env.identity)

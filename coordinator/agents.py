@@ -20,7 +20,7 @@ from .grants import Grants
 from .keys import KeyRegistry
 from .mirror import CatalogMirrors
 from .nodes import NodeRegistry
-from .peers import PeerTable
+from protocol.peers import PeerTable
 from .router import RouterEndpoint
 from .tasks import TaskDispatcher
 

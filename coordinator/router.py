@@ -23,7 +23,7 @@ from protocol.errors import Internal, MalformedMessage, ProtocolError, TCError, 
 from protocol.message import Message, body_msg_id, decode_message
 from protocol.messages import Error
 
-from .peers import PeerTable
+from protocol.peers import PeerTable
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from .health import Thresholds
 from .keys import KeyRegistry
 from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
-from .peers import PeerTable
+from protocol.peers import PeerTable
 from .security import CurveServer
 from .grants import Grants
 from .jobs.runner import JobRunner

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..templates.create_job import Services
     from ..keys import KeyRegistry
     from ..nodes import NodeRegistry
-    from ..peers import PeerTable
+    from protocol.peers import PeerTable
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from protocol.errors import UnsupportedMessage
 from protocol.message import Message
 from protocol.messages import Admin
 
-from ..peers import PeerTable
+from protocol.peers import PeerTable
 from ..router import RouterEndpoint
 from .context import AdminContext
 from .dispatcher import dispatch

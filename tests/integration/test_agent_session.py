@@ -232,3 +232,35 @@ def test_blob_endpoint_answers_with_errors_and_drops_garbage(tmp_path: Path, ctx
     assert ask(b"TC1", b"HEARTBEAT", msgpack.packb({"msg_id": "h-1"})).name == "UnsupportedMessage"
     assert ask(b"TC1", b"FETCH", b"\xc1").name == "MalformedMessage"
     peer.close()
+
+
+def test_blob_endpoint_ignores_a_peer_past_the_bad_message_limit(tmp_path: Path, ctx: zmq.Context[Any],
+                                                                  coord: Coordinator, agents: list[Proc]) -> None:
+    """SEC-8 on the blob endpoint: a peer sending more than security.max_bad_msgs (here 20) bad
+    requests a minute gets no answer for the cool-down; another peer is still served."""
+    agent = start_agent(agents, tmp_path, [coord.endpoint], "security.max_bad_msgs=20")
+    _, hello, _ = coord.expect("HELLO", 15)
+
+    def peer() -> zmq.Socket[Any]:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(hello.blob_endpoint)
+        return s
+
+    def fetch(s: zmq.Socket[Any], n: int) -> bool:
+        s.send_multipart([b"TC1", b"FETCH", msgpack.packb({"msg_id": f"f-{n}", "artifact_id": "art-" + "0" * 24})])
+        if not s.poll(1000 if n == -1 else 5000):
+            return False
+        msg = decode_message(parse(s.recv_multipart(), router=False))
+        assert isinstance(msg, Error) and msg.name == "ArtifactNotFound"
+        return True
+
+    bad = peer()
+    for n in range(21):  # 21 refusals: one past the limit
+        assert fetch(bad, n), f"refusal {n} was not answered"
+    assert not fetch(bad, -1), "a peer past the limit is still answered"
+    good = peer()
+    assert fetch(good, 0), "another peer is no longer served"
+    wait_for(lambda: "sent more than 20 bad requests in a minute" in agent.output(), 10, "the cool-down log line")
+    bad.close()
+    good.close()

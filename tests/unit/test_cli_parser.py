@@ -121,7 +121,7 @@ def _ctx(tmp_path: Path, sandboxes: int, progress: list[tuple[str, Any]]) -> Adm
     from coordinator.events import EventBus
     from coordinator.health import Thresholds
     from coordinator.nodes import LiveNode, NodeRegistry
-    from coordinator.peers import PeerTable
+    from protocol.peers import PeerTable
 
     engine = make_engine(f"sqlite:///{tmp_path}/c.db")
     Base.metadata.create_all(engine)

@@ -1,5 +1,5 @@
 """Per-peer bad-message accounting (SEC-8), with an injected clock."""
-from coordinator.peers import PeerTable
+from protocol.peers import PeerTable
 
 
 def test_cooldown_after_max_bad_then_recovers() -> None:
