@@ -100,4 +100,6 @@ class CatalogMirrors:
                 n.catalog_mismatch_beats = 2
                 n.snapshot_asked = None
                 return False
+        self.reg.events.publish(f"node.{node_id}", "catalog", {"node": node_id, "epoch": epoch, "seq": msg.to_seq,
+                                                               "delta": True})
         return True
