@@ -5,7 +5,7 @@ import dataclasses
 import socket
 
 from protocol import ids
-from protocol.config import (BuildConfig, CatalogConfig, CodecConfig, ConfigError, Duration, ImageConfig,
+from protocol.config import (BuildConfig, CatalogConfig, CodecConfig, ConfigError, Duration, ImageConfig, Percent,
                              SecurityConfig, Size, TaskConfig, TransferConfig, ZmqConfig, load, section)
 
 __all__ = ["AgentConfig", "load_config", "ConfigError", "default_node_id"]
@@ -76,6 +76,19 @@ class RuntimeConfig:
             raise ValueError(f"runtime.accel {self.accel!r} is not one of auto, kvm, tcg")
 
 
+@section
+class StorageSection:
+    """The agent's own storage gate (SNAP-16, defence in depth): builds and incoming transfers
+    are refused once the store's usage reaches ``reject`` %; the coordinator normally refuses
+    first with its own ``storage.*`` thresholds."""
+    reject: Percent = Percent(85.0)
+    delete_only: Percent = Percent(95.0)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.reject <= self.delete_only <= 100:
+            raise ValueError("storage.reject and storage.delete_only must satisfy 0 < reject ≤ delete_only ≤ 100")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection
@@ -89,6 +102,7 @@ class AgentConfig:
     unpack: UnpackConfig
     build: BuildConfig
     runtime: RuntimeConfig
+    storage: StorageSection
 
     @property
     def node_id(self) -> str:

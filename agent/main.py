@@ -35,6 +35,7 @@ from .image.service import ImageService
 from .session import HelloInfo, Session
 from .tasks import TaskRunner
 from .replicas import Replicas
+from .storage import StorageProbe
 from .transfer import TransferService
 
 log = logging.getLogger("agent")
@@ -113,7 +114,7 @@ class Agent:
         ctx = zmq.asyncio.Context()
         blobs: BlobServer | None = None
         try:
-            reconcile = catalog.reconcile()
+            reconcile = catalog.reconcile(cfg.agent.state_dir)  # CAT-3: before HELLO, deletes nothing
             ident = catalog.identity()
             log.info("catalog epoch %s seq %d; reconcile: %d missing, %d orphans", ident.epoch, ident.seq,
                      len(reconcile["missing"]), len(reconcile["orphans"]))
@@ -144,7 +145,8 @@ class Agent:
                 log.info("removed build leftovers of an earlier run: %s", ", ".join(leftovers[:10]))
             # Fetches run in worker threads with plain sockets on the same libzmq context.
             transfers = TransferService(cfg, catalog, grants, zmq.Context.shadow(ctx.underlying), pair, images.store)
-            runner = TaskRunner(catalog, {**images.handlers(), **transfers.handlers(), **Replicas(catalog).handlers()},
+            runner = TaskRunner(catalog, {**images.handlers(), **transfers.handlers(), **Replicas(catalog).handlers(),
+                                          **StorageProbe(cfg).handlers()},
                                 progress_interval=float(cfg.task.progress_interval),
                                 retention=float(cfg.task.record_retention))
             pruned = runner.prune()

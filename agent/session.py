@@ -8,7 +8,9 @@ the previous coordinator. The loop has three nested levels:
                 next endpoint (``Leave.goto``), sleep ``Backoff.next_delay()``, repeat.
 ``_serve``      on one socket: ``_hello`` → WELCOME → ``_live``; when ``_live`` ends with
                 SessionUnknown it HELLOs again at once on the same socket (WIRE-11).
-``_live``       the session: heartbeats every H, full reports on request, liveness watch.
+``_live``       the session: heartbeats every H, full reports on request, liveness watch,
+                and CATALOG_DELTAs after catalog changes (CAT-4, coalesced ≤ 0.5 s; the
+                :class:`~agent.catalog.CatalogFeed` keeps the seq the coordinator has).
 
 Every send is non-blocking: with IMMEDIATE a DEALER without a live connection refuses to
 queue, and a dropped beat is better than a wedged loop — liveness notices a dead link.
@@ -33,13 +35,13 @@ from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
 from protocol.errors import TCError, UnsupportedMessage
 from protocol.message import Message, decode_message
-from protocol.messages import (CatalogSnapshot, Error, Grant, Heartbeat, HeartbeatAck, Hello, Revoke,
+from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Grant, Heartbeat, HeartbeatAck, Hello, Revoke,
                                RuntimeRefs, Task, TaskAccepted, TaskCancel, TaskResult, TokenGrant, Versions,
                                Welcome)
 
 from . import facts as host
 from .backoff import Backoff
-from .catalog import Catalog
+from .catalog import Catalog, CatalogFeed
 from .config import AgentConfig
 from .tasks import TaskRunner
 
@@ -55,6 +57,7 @@ _EVENT_NAMES = {int(getattr(zmq, f"EVENT_{n}")): n for n in (
     "HANDSHAKE_FAILED_NO_DETAIL")}
 
 MAX_PAGE = 1000  # CatalogSnapshot.entries accepts at most this many (CAT-5)
+DELTA_COALESCE = 0.5  # s: changes within this window go out as one CATALOG_DELTA (CAT-4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class _Live:
     beat_seq: int = 0
     next_beat: float = 0.0
     last_heard: float = 0.0
+    # Snapshot pages and deltas must not interleave: the feed's cursor moves with what was sent.
+    catalog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lost_logged: bool = False
 
 
 class MsgIds:
@@ -124,6 +130,8 @@ class Session:
         self._transfer = transfer  # GRANT/REVOKE/TOKEN and TOKEN_REQUEST (DIST-4, DIST-5)
         self._ctx = ctx
         self._catalog = catalog
+        self._feed = CatalogFeed(catalog)
+        self._changed: asyncio.Event | None = None  # set (thread-safe) after each catalog change
         self._versions = versions
         self._info = info
         self._endpoints = list(cfg.agent.coordinators)
@@ -139,6 +147,16 @@ class Session:
     # --- level 1: endpoints and backoff ---------------------------------------------
 
     async def run(self) -> None:
+        if self._changed is None:
+            loop = asyncio.get_running_loop()
+            changed = self._changed = asyncio.Event()
+
+            def wake() -> None:  # from whichever thread committed the change
+                try:
+                    loop.call_soon_threadsafe(changed.set)
+                except RuntimeError:
+                    pass  # the loop is closed: the agent is stopping
+            self._catalog.watch(wake)
         index = 0
         while True:
             endpoint = self._endpoints[index]
@@ -304,14 +322,28 @@ class Session:
                  live.interval, live.liveness, welcome.lease_ttl)
         if welcome.want_full_catalog:
             await self._send_catalog(sock, live)
+        else:
+            self._feed.start(hello.catalog["seq"])  # the mirror equals what HELLO said (NODE-3)
+
+        async def task_send(msg: Message) -> bool:
+            if isinstance(msg, TaskResult):
+                await self._flush_catalog(sock, live)  # the task's catalog effects go out first
+            return await self._send(sock, msg)
         if self._tasks is not None:
             # Task replies and progress go out on this session's socket until it ends (WIRE-12).
-            self._tasks.attach(lambda msg: self._send(sock, msg))
+            self._tasks.attach(task_send)
         if self._transfer is not None:
             self._transfer.attach(lambda msg: self._send(sock, msg))
+        pump = asyncio.create_task(self._pump_deltas(sock, live), name="catalog deltas")
         try:
             return await self._session_loop(sock, endpoint, live)
+        except asyncio.CancelledError:
+            await self._flush_catalog(sock, live)  # stopping: the last half second's changes still go
+            raise
         finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            self._feed.stop()
             if self._tasks is not None:
                 self._tasks.attach(None)
             if self._transfer is not None:
@@ -373,6 +405,7 @@ class Session:
         return "keep"
 
     async def _beat(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
+        await self._flush_catalog(sock, live)  # so the beat's catalog seq is one the mirror can have
         versions = await self._current_versions()
         digest = canonical.digest(versions)
         if digest != live.versions_digest:  # WIRE-9: the full map only when it changed
@@ -409,16 +442,50 @@ class Session:
                                                    refs=[], digest=""))
 
     async def _send_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
-        """CAT-5: pages of ≤ page_size entries, all tagged with the snapshot's (epoch, seq)."""
-        snap = self._catalog.snapshot()
-        pages = list(snap.pages(self._page_size))
-        for number, entries in enumerate(pages):
-            await self._send(sock, CatalogSnapshot(
-                msg_id=self._ids.next(), session_id=live.session_id, epoch=snap.identity.epoch,
-                seq=snap.identity.seq, page=number, last=number == len(pages) - 1, entries=entries,
-                digest=snap.identity.digest))
+        """CAT-5: pages of ≤ page_size entries, all tagged with the snapshot's (epoch, seq);
+        deltas continue from that seq, after the last page."""
+        async with live.catalog_lock:
+            snap = self._feed.snapshot()
+            live.lost_logged = False
+            pages = list(snap.pages(self._page_size))
+            for number, entries in enumerate(pages):
+                await self._send(sock, CatalogSnapshot(
+                    msg_id=self._ids.next(), session_id=live.session_id, epoch=snap.identity.epoch,
+                    seq=snap.identity.seq, page=number, last=number == len(pages) - 1, entries=entries,
+                    digest=snap.identity.digest))
+        self.counters["catalog_snapshot"] += 1
         log.info("catalog snapshot sent: seq %d, %d entries, %d page(s)",
                  snap.identity.seq, len(snap.entries), len(pages))
+
+    async def _pump_deltas(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
+        """CAT-4: after a change, wait DELTA_COALESCE for more, then send them as one delta."""
+        assert self._changed is not None
+        while True:
+            await self._changed.wait()
+            await asyncio.sleep(DELTA_COALESCE)
+            self._changed.clear()  # a change from now on sets it again and gets its own round
+            await self._flush_catalog(sock, live)
+
+    async def _flush_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
+        """Send the changes the coordinator's mirror lacks, if the journal still has them.
+        If not (overflow), send nothing: the beats disagree with the mirror and the coordinator
+        asks for a snapshot (CAT-5)."""
+        async with live.catalog_lock:
+            delta = self._feed.pending()
+            if delta is None:
+                if self._feed.lost and not live.lost_logged:
+                    live.lost_logged = True
+                    log.info("catalog changes after seq %s are no longer journaled: the coordinator will "
+                             "ask for a snapshot", self._feed.cursor)
+                return
+            msg = CatalogDelta(msg_id=self._ids.next(), session_id=live.session_id, epoch=delta.epoch,
+                               from_seq=delta.from_seq, to_seq=delta.to_seq, upserts=delta.upserts,
+                               deletes=delta.deletes, digest=delta.digest)
+            if await self._send(sock, msg):
+                self._feed.sent(delta)
+                self.counters["catalog_delta"] += 1
+                log.debug("catalog delta sent: seq %d→%d, %d upserts, %d deletes", delta.from_seq,
+                          delta.to_seq, len(delta.upserts), len(delta.deletes))
 
     async def _on_task(self, sock: zmq.asyncio.Socket, task: Task) -> None:
         if self._tasks is not None:

@@ -77,6 +77,7 @@ from .config import AgentConfig
 from .grants import Grant as GrantEntry, GrantTable, short
 from .image.store import Store, check_artifact_id, fsync_dir
 from .fetchstate import POLL_SLICE, ChunkPlan, ResumeRecord, Send, TokenBroker
+from .storage import check_writable
 from .tasks import TaskContext
 
 log = logging.getLogger("transfer")
@@ -190,6 +191,7 @@ class TransferService:
 
     def fetch_task(self, ctx: TaskContext) -> dict[str, Any]:
         args = self._parse(ctx.args)
+        check_writable(self.cfg, "incoming transfers")  # SNAP-16, the agent's own gate
         with self._lock(args.artifact_id):
             ctx.check()
             return self.fetch(ctx, args)

@@ -118,6 +118,9 @@ class RefsConfig:
 class ReconcileConfig:
     interval: Duration = Duration(300.0)
     batch: int = 100
+    # A replica made READY this recently is not called missing yet: the task result that made
+    # it READY can reach the coordinator before the catalog delta listing the copy (GC-11).
+    presence_grace: Duration = Duration(10.0)
 
 
 @section

@@ -80,26 +80,46 @@ class CatalogMirrors:
                                                                "entries": len(a.entries)})
 
     async def delta(self, node_id: str, msg: CatalogDelta) -> bool:
-        """Apply a delta; False means it did not fit and a snapshot is needed (the next ACK asks)."""
+        """Apply a delta (CAT-4); False means it was not applied. Rules:
+
+        * mirror incomplete (a snapshot is on its way or will be asked for): ignored;
+        * another epoch: the mirror is incomplete until a snapshot (the next beat asks);
+        * ``to_seq`` ≤ the mirror's seq: a duplicate or late delta, ignored;
+        * ``from_seq`` ≠ the mirror's seq: a gap — the next heartbeat asks for a snapshot,
+          unless one was asked for moments ago (CAT-5);
+        * applied, then the digest must match the agent's, else a snapshot as for a gap.
+
+        A delta applied resets the heartbeat mismatch count: beats sent while deltas flow are
+        ahead of the mirror by the delta in flight, which is no reason for a snapshot."""
         n = self.reg.session(node_id, msg.session_id)
+        if msg.to_seq < msg.from_seq:
+            raise MalformedMessage("CATALOG_DELTA to_seq is below from_seq", {"field": "to_seq", "reason": "order"})
         async with n.lock:
             epoch, seq, _ = n.mirror
-            if not n.mirror_complete or msg.epoch != epoch or msg.from_seq != seq or msg.to_seq < msg.from_seq:
-                n.mirror_complete = n.mirror_complete and msg.epoch == epoch
-                n.catalog_mismatch_beats = 2  # the next heartbeat asks for a snapshot
+            if not n.mirror_complete:
+                return False
+            if msg.epoch != epoch:
+                log.info("node %s: catalog delta of another epoch; asking for a snapshot", node_id)
+                n.mirror_complete = False
                 n.snapshot_asked = None
                 return False
-            await asyncio.to_thread(node_store.apply_delta, self.reg.engine, node_id, msg.to_seq, msg.digest,
-                                    msg.upserts, msg.deletes)
-            entries = await asyncio.to_thread(node_store.mirror_entries, self.reg.engine, node_id)
-            got = catalog_digest(entries)
+            if msg.to_seq <= seq:
+                return False
+            if msg.from_seq != seq:
+                log.info("node %s: catalog delta %d→%d does not follow the mirror's seq %d; asking for a snapshot",
+                         node_id, msg.from_seq, msg.to_seq, seq)
+                n.catalog_mismatch_beats = 2
+                return False
+            got = await asyncio.to_thread(node_store.apply_delta, self.reg.engine, node_id, msg.to_seq,
+                                          msg.upserts, msg.deletes)
             n.mirror = (epoch, msg.to_seq, got)
+            n.catalog_mismatch_beats = 0
             if got != msg.digest:
                 log.warning("node %s: mirror digest differs after delta to seq %d; asking for a snapshot",
                             node_id, msg.to_seq)
                 n.catalog_mismatch_beats = 2
-                n.snapshot_asked = None
                 return False
+        kinds = sorted({e["kind"] for e in msg.upserts} | {e["kind"] for e in msg.deletes})
         self.reg.events.publish(f"node.{node_id}", "catalog", {"node": node_id, "epoch": epoch, "seq": msg.to_seq,
-                                                               "delta": True})
+                                                               "delta": True, "kinds": kinds})
         return True

@@ -162,6 +162,8 @@ class NodeRegistry:
             self._dirty.add(node_id)
         if created:
             self.events.publish(f"node.{node_id}", "created", {"node": node_id, "address": msg.address})
+        elif versions_changed:  # as on VERSIONS: compat scans listen for it (COMPAT-4)
+            self.events.publish(f"node.{node_id}", "versions", {"node": node_id, "versions": msg.versions})
         self.events.publish(f"node.{node_id}", "session", {"node": node_id, "session": n.session_id[:8],
                                                            "mirror_complete": n.mirror_complete})
         log.info("node %s: session %s (%s)%s", node_id, n.session_id[:8], msg.address,

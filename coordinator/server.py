@@ -19,6 +19,7 @@ from .admin import commands as _commands  # noqa: F401 — registers every admin
 from .admin.context import AdminContext
 from .admin.endpoint import AdminEndpoint, prepare_ipc_dir, secure_ipc_socket
 from .agents import AgentEndpoint
+from .compat.scanner import CompatScanner
 from .config import CoordinatorConfig
 from .db.engine import ensure_schema, make_engine
 from .events import EventBus
@@ -26,6 +27,8 @@ from .health import Thresholds
 from .keys import KeyRegistry
 from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
+from .storage import StorageProbe
+from .presence import PresenceChecker
 from protocol.peers import PeerTable
 from .security import CurveServer
 from .grants import Grants
@@ -131,6 +134,17 @@ class Coordinator:
                                        bind(DeleteJob, self.template_services),
                                        bind(RedoJob, self.template_services)])
 
+        # Catalog presence and strays (GC-10 to GC-12): after each catalog change, and swept.
+        self.presence = PresenceChecker(self.registry, self.engine, self.dispatcher,
+                                        grace=float(cfg.reconcile.presence_grace),
+                                        stray_grace=float(cfg.gc.stray_grace), interval=float(cfg.reconcile.interval))
+        self.events.listen(self.presence.on_event)
+
+        # Compat scans (COMPAT-4): debounced per node, driven by node events.
+        self.compat = CompatScanner(self.registry, self.engine, debounce=float(cfg.compat.debounce),
+                                    scan_timeout=float(cfg.compat.scan_timeout))
+        self.events.listen(self.compat.on_event)
+
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
         gid = prepare_ipc_dir(cfg.coordinator.admin_endpoint, cfg.coordinator.admin_group)
@@ -138,7 +152,9 @@ class Coordinator:
         secure_ipc_socket(cfg.coordinator.admin_endpoint, gid)
         ctx = AdminContext(config=cfg, engine=self.engine, nodes=self.registry, events=self.events,
                            peers=self.peers, keys=self.keys, jobs=self.jobs, templates=self.template_services,
-                           wake_jobs=self.runner.wake)
+                           wake_jobs=self.runner.wake, compat=self.compat,
+                           storage=StorageProbe(self.registry, self.dispatcher, cfg.storage,
+                                                timeout=float(cfg.storage.refresh_timeout)))
         self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
 
         self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -146,7 +162,8 @@ class Coordinator:
                       "events": ev_sock.getsockopt_string(zmq.LAST_ENDPOINT)}
         self.lease = LeaseLoop(self.registry)
         await self.runner.start()  # RUNNING jobs resume at their persisted step, PENDING ones start (TPL-31)
-        for coro in (self.agents.run(), self.admin.run(), self.lease.run(),
+        for coro in (self.agents.run(), self.admin.run(), self.lease.run(), self.presence.run(),
+                     self.compat.run(),  # compat scans (COMPAT-4)
                      FlushLoop(self.registry, cfg.heartbeat.last_seen_flush).run()):
             self.tasks.append(asyncio.ensure_future(coro))
         log.info("coordinator serving: agents %s, admin %s, events %s (%d nodes known, grace %.0fs)",
@@ -163,6 +180,8 @@ class Coordinator:
         daemon.sd_notify("STOPPING=1")
         if getattr(self, "runner", None) is not None:
             await self.runner.stop()
+        if getattr(self, "presence", None) is not None:
+            self.presence.stop()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -125,8 +125,11 @@ def _coerce(hint: Any, v: Any, key: str) -> Any:
 
 
 def _set_list(text: str) -> list[Any]:
-    """A list given on the command line: TOML (``["a", "b"]``) or comma-separated."""
-    if text.strip().startswith("["):
+    """A list given on the command line: TOML (``["a", "b"]``) or comma-separated. A value
+    that starts with ``[`` but has no quotes is not TOML: a CURVE key in Z85 may start with
+    ``[`` (its alphabet has brackets but no quotes or commas), so it is one plain item."""
+    stripped = text.strip()
+    if stripped.startswith("[") and ('"' in stripped or "'" in stripped or stripped == "[]"):
         try:
             return tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError as exc:

@@ -4,7 +4,8 @@
 Shows the node lifecycle (the agents join, turn READY, one is cordoned and uncordoned), then
 the main job: a small sample image (busybox, written as an OCI archive by the test OCI writer)
 becomes a template on all three agents — built once, copied agent to agent — and
-`tcctl template show` lists its READY replicas.
+`tcctl template show` lists its READY replicas; it ends with the compat matrix and the
+storage status of the three nodes.
 On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
 `make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
 """
@@ -164,6 +165,8 @@ def main() -> int:
              "--request-id", f"demo-create-{int(time.time())}")
         show("template", "show", "demo")
         show("job", "list")
+        show("compat", "matrix")
+        show("storage", "status")
         if sys.stdin.isatty():
             print(f"\ndemo: running. Try `.venv/bin/tcctl node list --endpoint {ADMIN}`. "
                   "Ctrl-C stops everything (or `make demo-stop` from another shell).", flush=True)

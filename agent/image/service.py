@@ -31,6 +31,7 @@ from protocol.errors import ImageDigestMismatch, InsufficientStorage, InvalidReq
 
 from ..catalog import Catalog
 from ..config import AgentConfig
+from ..storage import check_writable
 from ..tasks import TaskContext
 from . import ext4, imageconfig
 from .cache import LayerCache
@@ -197,6 +198,7 @@ class ImageService:
                 0 <= writable <= int(self.cfg.build.max_writable)):
             raise InvalidRequest(f"writable_size must be an integer from 0 to {int(self.cfg.build.max_writable)}",
                                  {"field": "writable_size", "reason": "range"})
+        check_writable(self.cfg, "builds")  # SNAP-16, the agent's own gate
         progress = BuildProgress(ctx.progress)
         with self._artifact_lock(artifact_id), self._builds:
             ctx.check()

@@ -36,6 +36,7 @@ class Arg:
     flag: bool = False          # a boolean switch (--wait)
     metavar: str | None = None
     cli: bool = True            # False: on the wire only, filled by ``client_args`` (e.g. credentials)
+    many: bool = False          # a positional taking zero or more values (a list; compat rescan NODE…)
 
     @property
     def option(self) -> str:

@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from ..compat.scanner import CompatScanner
     from ..config import CoordinatorConfig
     from ..events import EventBus
     from ..jobs.store import JobStore
     from ..templates.create_job import Services
     from ..keys import KeyRegistry
     from ..nodes import NodeRegistry
+    from ..storage import StorageProbe
     from protocol.peers import PeerTable
 
 
@@ -27,5 +29,7 @@ class AdminContext:
     jobs: "JobStore | None" = None                 # templates and jobs (issue 5)
     templates: "Services | None" = None
     wake_jobs: Callable[[], None] = lambda: None    # a new job: let the runner pick it up now
+    compat: "CompatScanner | None" = None           # compat scans (COMPAT-4, COMPAT-8; issue 6)
+    storage: "StorageProbe | None" = None           # storage status --refresh (SNAP-22)
     # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
     progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

@@ -60,7 +60,7 @@ def node_detail(ctx: "AdminContext", n: "LiveNode", now: float) -> dict[str, Any
         "created": n.created_ms,
         "bad_messages": {"refused": peer.bad if peer else 0, "dropped": peer.dropped if peer else 0,
                          "ignored": peer.ignored if peer else 0},
-        # Filled by later issues (replicas, snapshots, orphans on this node).
+        # `node show` fills these from the database and the mirror.
         "replicas": [],
         "orphans": [],
     })

@@ -40,9 +40,12 @@ def bash_script(registry: dict[str, type[Command]], prog: str = "tcctl") -> str:
         if len(rest) > 1:  # "template alias set": "alias" is a verb of template, "set" a sub-verb
             groups.setdefault(group, []).append(rest[0])
             subverbs.setdefault(_key(group, rest[0]), []).append(" ".join(rest[1:]))
-        else:
+        elif rest:
             groups.setdefault(group, []).append(verb)
-        k = _key(group, verb)
+        else:  # a one-word command (resolve): the group is the command, its words are arguments
+            groups.setdefault(group, [])
+            body.append(f"_tcctl_leaf_{_key(group)}=1")
+        k = _key(group, verb) if rest else _key(group)
         opts = list(COMMON_OPTS)
         for a in cls.all_args():
             if not a.cli:
@@ -108,12 +111,15 @@ _tcctl() {
         return 0
     fi
     key="${group//[^A-Za-z0-9]/_}"
-    if [[ -z $verb ]]; then
+    var="_tcctl_leaf_$key"
+    if [[ -n ${!var:-} ]]; then  # a one-word command: what follows are its own arguments
+        verb=""
+    elif [[ -z $verb ]]; then
         var="_tcctl_verbs_$key"
         COMPREPLY=($(compgen -W "${!var:-} --help" -- "$cur"))
         return 0
     fi
-    key="${key}__${verb//[^A-Za-z0-9]/_}"
+    [[ -n $verb ]] && key="${key}__${verb//[^A-Za-z0-9]/_}"
     var="_tcctl_verbs_$key"
     if [[ -n ${!var:-} ]]; then  # a verb with sub-verbs (template alias set)
         if [[ -z $sub ]]; then

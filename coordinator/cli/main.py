@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             if a.positional:
                 sp.add_argument(a.name, metavar=a.metavar or a.name.upper(), help=a.help,
-                                nargs=None if a.required else "?")
+                                nargs="*" if a.many else None if a.required else "?")  # many: a list
             elif a.flag:
                 sp.add_argument(a.option, dest=a.name, action="store_true", help=a.help)
             else:

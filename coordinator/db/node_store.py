@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
 
+from protocol.canonical import catalog_digest
+
 from .models import Node, NodeCatalogEntry, NodeVersion
 
 
@@ -101,26 +103,35 @@ def replace_mirror(engine: Engine, node_id: str, epoch: str, seq: int, digest: s
             catalog_epoch=epoch, catalog_seq=seq, catalog_digest=digest))
 
 
-def apply_delta(engine: Engine, node_id: str, to_seq: int, digest: str, upserts: list[dict[str, Any]],
-                deletes: list[dict[str, Any]]) -> None:
-    """Apply one catalog delta (CAT-4): the caller has checked epoch and from_seq."""
+def apply_delta(engine: Engine, node_id: str, to_seq: int, upserts: list[dict[str, Any]],
+                deletes: list[dict[str, Any]]) -> str:
+    """Apply one catalog delta (CAT-4) and return the mirror's digest after it, computed from
+    the entries in the same transaction and persisted with ``to_seq`` (never the agent's claimed
+    digest: a restart must not take a diverged mirror for an equal one). The caller has checked
+    epoch and from_seq."""
     with engine.begin() as conn:
-        for e in deletes:
+        keys = [(e["kind"], e["id"]) for e in [*deletes, *upserts]]
+        for kind, entry_id in dict.fromkeys(keys):
             conn.execute(delete(NodeCatalogEntry).where(
-                NodeCatalogEntry.node_id == node_id, NodeCatalogEntry.kind == e["kind"],
-                NodeCatalogEntry.entry_id == e["id"]))
-        for e in upserts:
-            conn.execute(delete(NodeCatalogEntry).where(
-                NodeCatalogEntry.node_id == node_id, NodeCatalogEntry.kind == e["kind"],
-                NodeCatalogEntry.entry_id == e["id"]))
-            conn.execute(insert(NodeCatalogEntry).values(node_id=node_id, kind=e["kind"], entry_id=e["id"],
-                                                         body=e.get("body") or {}))
+                NodeCatalogEntry.node_id == node_id, NodeCatalogEntry.kind == kind,
+                NodeCatalogEntry.entry_id == entry_id))
+        latest = {(e["kind"], e["id"]): e for e in upserts}
+        if latest:
+            conn.execute(insert(NodeCatalogEntry), [
+                {"node_id": node_id, "kind": k, "entry_id": i, "body": e.get("body") or {}}
+                for (k, i), e in latest.items()])
+        digest = catalog_digest(_entries(conn, node_id))
         conn.execute(update(Node).where(Node.id == node_id).values(catalog_seq=to_seq, catalog_digest=digest))
+    return digest
 
 
 def mirror_entries(engine: Engine, node_id: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        rows = conn.execute(select(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id, NodeCatalogEntry.body)
-                            .where(NodeCatalogEntry.node_id == node_id)
-                            .order_by(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id))
-        return [{"kind": k, "id": i, "body": b} for k, i, b in rows]
+        return _entries(conn, node_id)
+
+
+def _entries(conn: Any, node_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(select(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id, NodeCatalogEntry.body)
+                        .where(NodeCatalogEntry.node_id == node_id)
+                        .order_by(NodeCatalogEntry.kind, NodeCatalogEntry.entry_id))
+    return [{"kind": k, "id": i, "body": b} for k, i, b in rows]

@@ -32,7 +32,7 @@ from ..jobs import transitions as tr
 from ..jobs.base import JobContext, JobType, PHASE_PROGRESS
 from ..health import Health
 from .fleet import Fleet
-from .placement import LayerInfo, choose_builder, pick_source, target_fits, targets
+from .placement import LayerInfo, choose_builder, pick_source, storage_refusal, target_fits, targets
 from .rows import Rows
 from .spec import Overrides, TemplateSpec, runtime_config
 
@@ -161,13 +161,22 @@ class CreateJob(JobType):
         await self._settle(ctx)
         while True:
             builder = ctx.state.get("builder")
+            candidates = await ctx.db(self.services.fleet.candidates, [l.digest for l in layers])
+            by_id = {c.node_id: c for c in candidates}
             if builder is None or builder in failed:
-                candidates = await ctx.db(self.services.fleet.candidates, [l.digest for l in layers])
+                # SNAP-16: a requested builder that may not write is refused as such, not
+                # reported as "cannot build".
+                if spec.builder and spec.builder not in failed and (
+                        refusal := storage_refusal(by_id.get(spec.builder), "builds")) is not None:
+                    raise refusal
                 builder = choose_builder(candidates, layers, spec.writable_size, exclude=failed,
                                          prefer=spec.builder).node_id
                 ctx.state["builder"] = builder
                 ctx.stage(builder_node_id=builder)
                 await ctx.save()
+            refusal = storage_refusal(by_id.get(builder), "builds")  # a resumed job's builder filled up
+            if refusal is not None:
+                raise refusal
             args = {"artifact_id": ctx.job["artifact_id"], "image": spec.image,
                     "manifest_digest": resolved["manifest_digest"], "writable_size": spec.writable_size}
             if spec.platform:
@@ -232,6 +241,11 @@ class CreateJob(JobType):
         for node in wanted:
             if node in holders:
                 await self._replica_ready(ctx, tpl_id, node, art["id"])
+            elif (refusal := storage_refusal(by_id.get(node), "incoming transfers")) is not None:
+                # SNAP-16, DIST-2: the target filled up since it was chosen; no transfer is tried.
+                await ctx.db(rows.replica, tpl_id, node, status=tr.FAILED, phase="FAILED", cleanup_required=False,
+                             artifact_id=art["id"], job_id=ctx.job_id, last_error_phase="DISTRIBUTING",
+                             last_error=refusal.message)
             elif node in by_id and not target_fits(by_id[node], art["size"], self.services.space_reserve):
                 c = by_id[node]
                 await ctx.db(rows.replica, tpl_id, node, status=tr.FAILED, phase="FAILED", cleanup_required=False,
@@ -313,10 +327,17 @@ class CreateJob(JobType):
 
     async def _replica_ready(self, ctx: JobContext, tpl_id: str, node: str, art_id: str) -> None:
         """DIST-6/DIST-7: rootfs mode has no snapshot step, so DISTRIBUTED is READY at once."""
+        from ..compat.evaluate import evaluate, policy_of
         await ctx.db(self.services.rows.placement, art_id, node)
+        pins = await ctx.db(self.services.fleet.versions, node)
+        # DIST-7: the template's compat policy evaluated at once (COMPAT-3; UNKNOWN if a value is empty).
+        tpl = await ctx.db(self.services.rows.template, tpl_id)
+        compat = evaluate(policy_of((tpl or {}).get("spec")), pins, pins,
+                          node_ready=self.services.fleet.health(node) is Health.READY)
         await ctx.db(self.services.rows.replica, tpl_id, node, status=tr.READY, phase="READY",
                      cleanup_required=False, artifact_id=art_id, job_id=ctx.job_id, last_error="",
-                     last_error_phase="", pins=await ctx.db(self.services.fleet.versions, node))
+                     last_error_phase="", pins=pins, compat=str(compat),
+                     compat_checked_ms=self.services.rows.now_ms())
 
     async def _replica_failed(self, ctx: JobContext, art_id: str, node: str, message: str) -> None:
         await ctx.db(self.services.rows.replica, ctx.job["resource_id"], node, status=tr.FAILED, phase="FAILED",

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from ..db.models import NodeCatalogEntry
 from ..health import Health, placeable
 from ..nodes import NodeRegistry
-from ..storage import storage_mode
+from ..storage import node_mode
 from .placement import Candidate
 
 
@@ -32,14 +32,8 @@ class Fleet:
         self.engine = engine
         self.limits = limits
 
-    def _mode(self, node_id: str, now: float) -> tuple[Health, str]:
-        reg = self.registry
-        n = reg.nodes[node_id]
-        health = reg.health(n, now)
-        fresh = n.storage_at is not None and now - n.storage_at <= reg.t.lost_after(reg.interval())
-        lim = self.limits
-        return health, storage_mode(health, n.storage, warn=lim.warn, reject=lim.reject,
-                                    delete_only=lim.delete_only, fresh=fresh)
+    def _mode(self, node_id: str, now: float) -> tuple[Health, str, float]:
+        return node_mode(self.registry, self.registry.nodes[node_id], self.limits, now)
 
     def settling(self) -> bool:
         """True while the coordinator is in its start-up grace (NODE-8) and some known node has
@@ -60,11 +54,12 @@ class Fleet:
         cached = self._entries("layer", wanted) if wanted else {}
         out = []
         for node_id, n in sorted(self.registry.nodes.items()):
-            health, mode = self._mode(node_id, now)
+            health, mode, usage = self._mode(node_id, now)
             ok = placeable(health, n.admin_state, mode)
             reason = "" if ok else f"{health}/{n.admin_state}/storage {mode}"
             out.append(Candidate(node_id, ok, reason, bool(n.capabilities.get("build")),
-                                 int((n.storage or {}).get("free") or 0), frozenset(cached.get(node_id, ()))))
+                                 int((n.storage or {}).get("free") or 0), frozenset(cached.get(node_id, ())),
+                                 mode, usage))
         return out
 
     def copies(self, artifact_id: str, sha256: str = "") -> list[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from protocol.errors import InsufficientStorage, NodeNotEligible, NoTemplateNodes
+from protocol.errors import InsufficientStorage, NodeNotEligible, NodeStorageBlocked, NoTemplateNodes
+
+from ..storage import WRITABLE, blocked
 
 GIB = 1 << 30
 
@@ -22,6 +24,8 @@ class Candidate:
     can_build: bool = False              # the `build` capability (IMG-22)
     free: int = 0                        # bytes free in the agent store (latest heartbeat)
     cached_layers: frozenset[str] = field(default_factory=frozenset)  # layer digests in its catalog
+    storage_mode: str = "healthy"        # SNAP-15, from the latest figures
+    usage: float = 0.0                   # store usage %, SNAP-15
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,16 @@ def choose_builder(candidates: Sequence[Candidate], layers: Sequence[LayerInfo],
         return sum(l.size for l in layers if l.digest in c.cached_layers)
 
     return min(roomy, key=lambda c: (-cached(c), -c.free, c.node_id))
+
+
+def storage_refusal(c: Candidate | None, action: str) -> NodeStorageBlocked | None:
+    """SNAP-16 for template jobs: the refusal when a READY node's store is too full for
+    ``action`` ("builds", "incoming transfers"), else None. An ``unknown`` mode means the node
+    is not READY; the job's own rules answer for that (TPL-11 replaces a lost builder, a lost
+    target fails NodeUnavailable), so it is not turned into a storage refusal here."""
+    if c is None or c.storage_mode in WRITABLE or c.storage_mode == "unknown":
+        return None
+    return blocked(c.node_id, c.usage, c.storage_mode, action)
 
 
 def target_fits(c: Candidate, size: int, reserve: int = GIB) -> bool:

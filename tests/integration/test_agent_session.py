@@ -107,12 +107,12 @@ def test_ready_hello_snapshot_heartbeats_wants_task_and_sigterm(tmp_path: Path, 
         coord.expect("HEARTBEAT", 5)
     assert (time.monotonic() - t0) / 4 < 0.17  # 80 ms now, against 200 ms before
 
-    coord.send(ident, Task(msg_id="t-1", task_id="tsk-" + "a" * 24, op="PROBE_STORAGE", args={}, deadline=0))
+    coord.send(ident, Task(msg_id="t-1", task_id="tsk-" + "a" * 24, op="NO_SUCH_OP", args={}, deadline=0))
     _, accepted, _ = coord.expect("TASK_ACCEPTED", 5)
     _, result, _ = coord.expect("TASK_RESULT", 5)
     assert isinstance(accepted, TaskAccepted) and isinstance(result, TaskResult)
     assert accepted.parent_id == result.parent_id == "t-1" and result.ok is False and result.error is not None
-    assert result.error["name"] == "UnsupportedMessage" and "PROBE_STORAGE" in result.error["message"]
+    assert result.error["name"] == "UnsupportedMessage" and "NO_SUCH_OP" in result.error["message"]
 
     wait_for(lambda: notify.got.count("WATCHDOG=1") >= 2, 5, "two WATCHDOG=1 pings")
     assert agent.stop() == 0, agent.output()[-3000:]

@@ -181,7 +181,7 @@ def test_every_command_json_is_one_document_with_spec_names(cluster: Cluster) ->
     for name in sorted(REGISTRY):
         if name.startswith("test "):  # commands defined by unit tests in the same process
             continue
-        argv = name.split(" ", 1)
+        argv = name.split(" ")
         for a in REGISTRY[name].all_args():
             if a.positional and a.required:
                 argv.append({"JOB": "job-" + "0" * 24, "ART": "art-" + "0" * 24}.get(a.metavar or "", "n1"))
@@ -254,7 +254,11 @@ def test_completion_bash_is_valid_and_covers_the_registry() -> None:
     for name in REGISTRY:
         if name.startswith("test "):
             continue
-        group, verb, *sub = name.split(" ")
+        group, *words = name.split(" ")
+        assert re.search(rf"_tcctl_groups=.*\b{group}\b", script), name
+        if not words:  # a one-word command (resolve)
+            continue
+        verb, *sub = words
         assert re.search(rf"_tcctl_verbs_{group}=.*\b{verb}\b", script), name
         if sub:
             assert re.search(rf"_tcctl_verbs_{group}__{verb}=.*\b{sub[0]}\b", script), name
@@ -277,3 +281,4 @@ COMP_WORDS=({ws}); COMP_CWORD={len(words) - 1}; _tcctl; echo "${{COMPREPLY[@]}}"
     assert complete("tcctl", "template", "al") == ["alias"]
     assert complete("tcctl", "template", "alias", "") == ["set", "--help"]
     assert complete("tcctl", "template", "alias", "set", "tpl-x", "demo", "--tr") == ["--transfer"]
+    assert complete("tcctl", "resolve", "tpl-x", "--no") == ["--node"]  # a one-word command

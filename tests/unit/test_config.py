@@ -235,6 +235,12 @@ def test_list_values_on_the_command_line(value: str, expected: list[str]) -> Non
     assert load_agent(sets=[f"agent.coordinators={value}"]).agent.coordinators == expected
 
 
+def test_a_z85_key_starting_with_a_bracket_is_one_item() -> None:
+    """CFG-2, SEC-1: Z85 keys may start with "[" — without quotes that is not TOML but one key."""
+    key = "[Z160>Sqc2f)HNJnQ)w}cjYewp[%Jv!y$7n&%X4N"
+    assert load_agent(sets=[f"agent.coordinator_keys={key}"]).agent.coordinator_keys == [key]
+
+
 def test_empty_coordinator_list_is_refused() -> None:
     """CFG-1: agent.coordinators needs at least one endpoint."""
     with pytest.raises(ConfigError, match=r"agent\.coordinators"):

@@ -42,3 +42,34 @@ def show_artifact(engine: Any, artifact_id: str) -> dict[str, Any] | None:
                    generation=row["generation"], placements=nodes,
                    references={"templates": templates, "replicas": replicas, "active_jobs": jobs, "snapshots": []})
         return out
+
+
+def list_orphans(engine: Any, node_id: str | None = None) -> list[dict[str, Any]]:
+    """Quarantined files the agents reported (CAT-3), from their mirrored catalogs (CAT-6)."""
+    from ...db.models import NodeCatalogEntry
+    e = NodeCatalogEntry.__table__
+    with engine.connect() as c:
+        stmt = select(e.c.node_id, e.c.entry_id, e.c.body).where(e.c.kind == "orphan").order_by(e.c.node_id,
+                                                                                                 e.c.entry_id)
+        if node_id is not None:
+            stmt = stmt.where(e.c.node_id == node_id)
+        return [{"node_id": n, "orphan_id": i, "path": (b or {}).get("path", ""),
+                 "original": (b or {}).get("original", ""), "size": (b or {}).get("size"),
+                 "found_ms": (b or {}).get("found_ms")} for n, i, b in c.execute(stmt)]
+
+
+def list_strays(engine: Any, node_id: str | None = None) -> list[dict[str, Any]]:
+    """Copies on nodes that match no READY artifact (GC-12), by the presence rule."""
+    from ...db.models import NodeCatalogEntry
+    from ...presence import stray_copies
+    e = NodeCatalogEntry.__table__
+    with engine.connect() as c:
+        nodes = sorted(set(c.execute(select(e.c.node_id).where(e.c.kind == "artifact")).scalars()))
+    return [s for n in nodes if node_id in (None, n) for s in stray_copies(engine, n)]
+
+
+def node_replicas(engine: Any, node_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [{"template_id": r["template_id"], "status": r["status"], "phase": r["phase"],
+                 "compat": r["compat"], "artifact_id": r["artifact_id"], "last_error": r["last_error"]}
+                for r in c.execute(select(R).where(R.c.node_id == node_id).order_by(R.c.template_id)).mappings()]

@@ -12,7 +12,6 @@ from protocol.errors import ArtifactNotFound
 from protocol.schema import Str
 
 from ..command import Arg, Command
-from ._artifacts import show_artifact
 from ._jobs import store
 
 ARTIFACT = Arg("artifact", "artifact id", Str(28, ids.ARTIFACT_ID, 28, "artifact id"), positional=True,
@@ -25,6 +24,7 @@ class ArtifactShow(Command):
     args = (ARTIFACT,)
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
+        from ._artifacts import show_artifact  # daemon side: SQLAlchemy stays out of tcctl
         art = await asyncio.to_thread(show_artifact, store(ctx).engine, args["artifact"])
         if art is None:
             raise ArtifactNotFound(f"artifact {args['artifact']} not found", {"artifact_id": args["artifact"]})

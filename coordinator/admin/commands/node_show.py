@@ -17,8 +17,15 @@ class NodeShow(Command):
     args = (NODE,)
 
     async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        from ._artifacts import list_orphans, node_replicas
         from ..views import node_detail
-        return {"node": node_detail(ctx, ctx.nodes.get(args["node"]), ctx.nodes.clock())}
+        detail = node_detail(ctx, ctx.nodes.get(args["node"]), ctx.nodes.clock())
+        # Replicas from the database, orphans from the node's mirrored catalog (CAT-6).
+        detail["replicas"] = await asyncio.to_thread(node_replicas, ctx.engine, args["node"])
+        detail["orphans"] = await asyncio.to_thread(list_orphans, ctx.engine, args["node"])
+        return {"node": detail}
 
     def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
         n = result["node"]
@@ -43,5 +50,10 @@ class NodeShow(Command):
             *[f"  {k}: {v or 'unknown'}" for k, v in n["versions"].items()],
             "facts:",
             *[f"  {k}: {v}" for k, v in n["facts"].items()],
+            f"replicas:    {len(n['replicas'])}",
+            *[f"  {r['template_id']}: {r['status']} {r['phase']} compat {r['compat']}"
+              + (f" — {r['last_error']}" if r["last_error"] else "") for r in n["replicas"]],
+            f"orphans:     {len(n['orphans'])} (quarantined, kept until purged)",
+            *[f"  {o['path']} ({o['size']} bytes, was {o['original']})" for o in n["orphans"]],
         ]
         console.print("\n".join(lines), highlight=False, markup=False)

@@ -1,0 +1,40 @@
+"""``resolve TPL|SNAP [--node N]`` — which node can start a sandbox from this template now (RES-1 to
+RES-3, COMPAT-5).
+
+Wire: ADMIN {command: "resolve", args: {template, node?}} → RESULT {template_id, node, address,
+replica: {template_id, node_id, artifact_id, compat}, restore}. READY replicas on placeable nodes,
+never STALE, OK before UNKNOWN, then node id; a preferred node wins when it is a candidate.
+Errors: TemplateNotFound, TemplateStaleNeedsRedo {template, nodes}, TemplateHasNoReadyReplica
+{template, nodes: [{node, reason}]}.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from protocol import ids
+from protocol.schema import Str
+
+from ..command import Arg, Command
+
+TARGET = Arg("template", "template id or alias (or snapshot id)", Str(64, None, 1, "template"), positional=True,
+             required=True, metavar="TPL|SNAP")
+NODE = Arg("node", "preferred node (used when it is a candidate)", Str(63, ids.NODE_ID, 1, "node id"),
+           metavar="NODE")
+
+
+class Resolve(Command):
+    name = "resolve"
+    summary = "pick the node that can start a sandbox from a template now"
+    args = (TARGET, NODE)
+
+    async def execute(self, ctx, args):  # type: ignore[no-untyped-def]
+        from ...resolve import Resolver
+        from ._jobs import store
+        store(ctx)  # templates served here
+        resolver = Resolver(ctx.templates.fleet, ctx.engine)
+        return await asyncio.to_thread(resolver.resolve, args["template"], args.get("node"))
+
+    def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
+        console.print(f"{result['template_id']} → node {result['node']} ({result['address']}), "
+                      f"compat {result['replica']['compat']}, restore {result['restore']}", highlight=False)
