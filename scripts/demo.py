@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,11 @@ def main() -> int:
         return 0
     if PIDS.exists():
         stop_pids()  # a previous demo left running
+    # Each demo starts from an empty cluster (keys, databases, stores); the sample image is kept.
+    if DEMO.exists():
+        for path in DEMO.iterdir():
+            if path.name != "import":
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     RUN.mkdir(parents=True, exist_ok=True)
     agent_port = port(7710)
     common = {"security.curve": "true", "zmq.linger": "200ms"}
@@ -147,7 +153,9 @@ def main() -> int:
                 **common, "agent.node_id": node, "agent.state_dir": f"{DEMO}/agents/{node}",
                 "agent.coordinators": f"tcp://127.0.0.1:{agent_port}", "agent.blob_endpoint": "tcp://127.0.0.1:*",
                 "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none",
-                "agent.coordinator_keys": coord_key, "image.local_roots": f'["{DEMO}/import"]'})]
+                "agent.coordinator_keys": coord_key, "image.local_roots": f'["{DEMO}/import"]',
+                # What replicas pin (COMPAT-1): a build-only node has no hypervisor, and says so.
+                "agent.versions.guest_image": "demo-guest-1", "agent.versions.hypervisor": "none"})]
             print(f"demo: starting agent {node}", flush=True)
             procs[node] = subprocess.Popen(argv, cwd=ROOT, stdout=open(DEMO / f"agent-{node}.log", "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True)

@@ -29,6 +29,7 @@ ImageDigestMismatch ``{digest, expected, actual}``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -184,15 +185,48 @@ class _TarStore(_Store):
         return self.members[name].size
 
     def open(self, name: str) -> BinaryIO:
+        """A reader of one member over its own file handle: the layer cache fetches several
+        blobs at once from worker threads, and readers sharing the TarFile's handle would
+        seek under each other ("unexpected end of data")."""
         info = self.members.get(name)
         if info is None:
             raise ImageNotFound(f"{name} not found in {self.where}", {"path": self.where})
-        f = self.tar.extractfile(info)
-        assert f is not None
-        return f  # type: ignore[return-value]
+        if info.sparse:  # GNU sparse members (never in an OCI archive) need tarfile's own reader
+            raise ImageInvalid(f"{name} in {self.where} is a sparse tar member")
+        try:
+            fd = os.open(self.where, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageNotFound(f"cannot open {self.where}: {exc.strerror}", {"path": self.where}) from None
+        return io.BufferedReader(_MemberReader(fd, info.offset_data, info.size))  # type: ignore[return-value]
 
     def close(self) -> None:
         self.tar.close()
+
+
+class _MemberReader(io.RawIOBase):
+    """``size`` bytes of a file from ``offset``, read with pread on an fd of its own."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self._fd, self._offset, self._size, self._pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._offset + self._pos)
+        if not data:
+            raise ImageInvalid(f"archive ended inside a member (at {self._offset + self._pos})")
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class _LayoutSource:
