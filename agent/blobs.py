@@ -50,14 +50,13 @@ from protocol.message import body_msg_id
 from protocol.messages import Chunk, Error, Fetch
 from protocol.peers import PeerTable
 
-from .catalog import Catalog
+from .catalog import ARTIFACT_KIND, Catalog
 from .config import AgentConfig
 from .grants import GrantTable, short
 
 log = logging.getLogger("blobs")
 
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
-ARTIFACT_KIND = "artifact"
 ZAP_DOMAIN = "blobs"
 READ_THREADS = 4
 _DIGEST_CACHE_MAX = 1 << 16  # entries; 64 GiB of artifacts at 1 MiB chunks

@@ -39,6 +39,8 @@ FILE_NAME = "catalog.db"
 # Task records live in the catalog (WIRE-13) but are the agent's bookkeeping, not state the
 # coordinator mirrors: CAT-2 leaves them out of the digest, so they stay out of snapshots too.
 TASK_KIND = "task"
+# The other entry kinds (CAT-1), named once for every module that writes or reads them.
+ARTIFACT_KIND, LAYER_KIND, REPLICA_KIND, ORPHAN_KIND = "artifact", "layer", "replica", "orphan"
 _KIND = re.compile(r"[a-z_]{1,32}\Z")
 _ID = re.compile(r"[!-~]{1,256}\Z")
 

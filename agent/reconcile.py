@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .catalog import ARTIFACT_KIND, LAYER_KIND, ORPHAN_KIND
+from .image.store import fsync_dir
+
 if TYPE_CHECKING:
     from .catalog import Catalog, Entry
 
 log = logging.getLogger("reconcile")
 
-ARTIFACT_KIND = "artifact"
-LAYER_KIND = "layer"
-ORPHAN_KIND = "orphan"
 PARTIAL = ".partial"          # agent/transfer.py: <id>.partial/ while a fetch runs
 RESUME_RECORD = ".progress.json"
 QUARANTINE = "quarantine"
@@ -190,8 +190,8 @@ def _quarantine(catalog: "Catalog", root: Path, rel: str, found_ms: int) -> None
         size = _size(src)
         (root / target).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.rename(src, root / target)
-        _fsync_dir(src.parent)
-        _fsync_dir((root / target).parent)
+        fsync_dir(src.parent)
+        fsync_dir((root / target).parent)
     except OSError as exc:
         log.error("cannot quarantine %s: %s (left in place)", rel, exc)
         return
@@ -225,11 +225,3 @@ def _inside(root: Path, rel: str) -> bool:
 def _text(path: str) -> str:
     """File names are bytes; entry bodies are JSON text."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,11 +12,11 @@ from typing import Any
 from protocol import ids
 from protocol.errors import InvalidRequest
 
-from .catalog import Catalog
+from .catalog import REPLICA_KIND, Catalog
 from .tasks import TaskContext
 
 log = logging.getLogger("replicas")
-KIND = "replica"
+KIND = REPLICA_KIND
 
 
 class Replicas:

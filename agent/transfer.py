@@ -72,7 +72,7 @@ from protocol.messages import (CURVE_KEY, ENDPOINT, FILE_NAME, HEX64, NODE_ID, T
 from protocol.schema import List, SchemaError, Struct
 
 from .blobs import zero_digest, zeros
-from .catalog import Catalog
+from .catalog import ARTIFACT_KIND, Catalog
 from .config import AgentConfig
 from .grants import Grant as GrantEntry, GrantTable, short
 from .image.store import Store, check_artifact_id, fsync_dir
@@ -82,7 +82,6 @@ from .tasks import TaskContext
 
 log = logging.getLogger("transfer")
 
-ARTIFACT_KIND = "artifact"
 PARTIAL = ".partial"
 RECORD = ".progress.json"  # starts with a dot: no artifact file name can collide with it
 BLOCK = 4096               # hole granularity of the target file

@@ -50,14 +50,16 @@ from typing import TYPE_CHECKING
 
 from protocol.errors import ImageDigestMismatch, JobCancelled
 
+from ..catalog import LAYER_KIND
 from .model import Descriptor, ImageSource, Layer, check_digest
+from .store import fsync_dir
 
 if TYPE_CHECKING:
     from agent.catalog import Catalog
 
 __all__ = ["KIND", "TOUCH_INTERVAL", "LayerCache", "Progress"]
 
-KIND = "layer"
+KIND = LAYER_KIND
 TOUCH_INTERVAL = 60
 # (bytes_done, bytes_total, layers_done, layers_total)
 Progress = Callable[[int, int, int, int], None]
@@ -280,7 +282,7 @@ class LayerCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
-            _fsync_dir(self.blob_dir)
+            fsync_dir(self.blob_dir)
             try:
                 self.catalog.put(KIND, digest, {"size": size, "media_type": desc.media_type,
                                                 "last_used": int(self.clock())})
@@ -331,7 +333,7 @@ class LayerCache:
                 for e in victims:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path(e["id"]))
-                _fsync_dir(self.blob_dir)
+                fsync_dir(self.blob_dir)
                 self.catalog.apply(deletes=[(KIND, e["id"]) for e in victims])
             return evicted
 
@@ -367,11 +369,3 @@ class LayerCache:
             return self.path(entry["id"]).stat().st_size == int(body.get("size", -1))
         except FileNotFoundError:
             return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

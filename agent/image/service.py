@@ -29,7 +29,7 @@ import psutil
 from protocol import canonical
 from protocol.errors import ImageDigestMismatch, InsufficientStorage, InvalidRequest
 
-from ..catalog import Catalog
+from ..catalog import ARTIFACT_KIND, Catalog
 from ..config import AgentConfig
 from ..storage import check_writable
 from ..tasks import TaskContext
@@ -45,7 +45,6 @@ from .unpack import UnpackLimits, UnpackState, apply_layer, finish_dirs
 
 log = logging.getLogger("image")
 
-ARTIFACT_KIND = "artifact"
 
 
 # --- arguments --------------------------------------------------------------------------

@@ -112,3 +112,12 @@ def test_deltas_follow_task_traffic_restarts_need_no_snapshot_and_reconcile_conv
         "size": len(stray), "found_ms": orphans["store/artifacts/stray.bin"]["found_ms"]}
     assert f"store/artifacts/{artifact_id}" in orphans
     assert artifact_id not in mirrored_entries(cluster, "artifact")
+    # CAT-6: `artifact list --orphans` lists them from the mirror; the files are still on disk.
+    rc, listed = cluster.tcctl("artifact", "list", "--orphans")
+    assert rc == 0, listed
+    shown = {o["path"]: o for o in listed["orphans"]}
+    assert shown["quarantine/store/artifacts/stray.bin"]["node_id"] == NODE
+    assert shown["quarantine/store/artifacts/stray.bin"]["size"] == len(stray)
+    assert all((state / p).exists() for p in shown)
+    rc, node = cluster.tcctl("node", "show", NODE)
+    assert {o["path"] for o in node["node"]["orphans"]} == set(shown)
