@@ -41,6 +41,7 @@ FILE_NAME = "catalog.db"
 TASK_KIND = "task"
 # The other entry kinds (CAT-1), named once for every module that writes or reads them.
 ARTIFACT_KIND, LAYER_KIND, REPLICA_KIND, ORPHAN_KIND = "artifact", "layer", "replica", "orphan"
+SANDBOX_KIND = "sandbox"  # agent/runtime/sandboxes.py (RT-15, CAT-1)
 _KIND = re.compile(r"[a-z_]{1,32}\Z")
 _ID = re.compile(r"[!-~]{1,256}\Z")
 

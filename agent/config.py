@@ -59,8 +59,12 @@ class RuntimeConfig:
     accel: str = "auto"
     kvm_canary_timeout: Duration = Duration(20.0)
     disk_mode: str = "auto"
+    # "" = the newest /boot/vmlinuz-*-cloud-amd64 (RT-5); `make guest-kernel` fetches one into
+    # ~/.cache/templatecenter/guest/boot/.
     guest_kernel: str = ""
-    memory_dir: str = ""
+    # "" = lib/modules/<release> beside the kernel's boot/ dir, else /lib/modules/<release>.
+    guest_modules: str = ""
+    memory_dir: str = ""  # "" = each sandbox's own directory
     probe_timeout: Duration = Duration(120.0)
     migrate_timeout: Duration = Duration(60.0)
     kill_after: Duration = Duration(10.0)
@@ -74,6 +78,8 @@ class RuntimeConfig:
             raise ValueError(f"runtime.driver {self.driver!r} is not one of qemu, none")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"runtime.accel {self.accel!r} is not one of auto, kvm, tcg")
+        if self.disk_mode not in ("auto", "reflink", "qcow2"):
+            raise ValueError(f"runtime.disk_mode {self.disk_mode!r} is not one of auto, reflink, qcow2")
 
 
 @section

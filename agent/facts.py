@@ -54,12 +54,12 @@ def _run(argv: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess[
 
 def collect_facts(cfg: AgentConfig) -> dict[str, Any]:
     """The facts map for HELLO. Touches the state dir (reflink probe), so call it after start-up created it."""
-    model, flags = _cpuinfo()
+    model, _ = _cpuinfo()
     return {
         "host_name": socket.gethostname(),
         "address": node_address(cfg),
         "cpu_model": model,
-        "cpu_flags_hash": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+        "cpu_flags_hash": cpu_flags_hash(),
         "cores": psutil.cpu_count(logical=True) or 1,
         "memory": psutil.virtual_memory().total,
         "accelerator": accelerator(),
@@ -105,6 +105,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model[:1024], flags
 
 
+def cpu_flags_hash() -> str:
+    """First 16 hex of sha256 of the sorted CPU flags: memory snapshots pin it (COMPAT-1)."""
+    return hashlib.sha256(" ".join(sorted(_cpuinfo()[1])).encode()).hexdigest()[:16]
+
+
 def accelerator() -> str:
     """"kvm" if /dev/kvm opens read-write, else "tcg". (A canary boot refines this later, RT-3.)"""
     try:
@@ -147,16 +152,19 @@ def reflink_supported(directory: str) -> bool:
 
 # --- versions (NODE-10, WIRE-9) ---------------------------------------------------------
 
-def collect_versions(cfg: AgentConfig) -> dict[str, str]:
-    """agent, guest_image, host_kernel, hypervisor; each overridable by agent.versions.<name>."""
+def collect_versions(cfg: AgentConfig, runtime: dict[str, str] | None = None) -> dict[str, str]:
+    """agent, guest_image, host_kernel, hypervisor; ``runtime`` (the driver's RT-6 values) fills
+    what it knows; each is overridable by agent.versions.<name>."""
     found = {
         "agent": _package_version(),
-        # "" = unknown until RT-6 computes the guest image version (a later issue).
+        # "" = unknown unless the runtime driver computes it (RT-6: agent/runtime/guest.py).
         "guest_image": "",
         "host_kernel": os.uname().release,
         "hypervisor": hypervisor_version(cfg),
     }
-    found.update(cfg.agent.versions)
+    found.update({k: v for k, v in (runtime or {}).items() if v})
+    # An empty override leaves the computed value (RT-6 fills guest_image, CFG-2 pins the rest).
+    found.update({k: v for k, v in cfg.agent.versions.items() if v})
     return found
 
 
@@ -191,6 +199,7 @@ class VersionsCache:
         self._max_age = max_age
         self._value: dict[str, str] | None = None
         self._at = 0.0
+        self.runtime: dict[str, str] = {}  # the runtime driver's versions (RT-6), set at start
 
     def due(self) -> bool:
         return self._value is None or time.monotonic() - self._at >= self._max_age
@@ -200,7 +209,7 @@ class VersionsCache:
 
     def refresh(self) -> dict[str, str]:
         """Recompute now (blocking: run it in a thread from the event loop)."""
-        self._value = collect_versions(self._cfg)
+        self._value = collect_versions(self._cfg, self.runtime)
         self._at = time.monotonic()
         return dict(self._value)
 

@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from protocol import ids
 from protocol.config import ConfigError
+from protocol.errors import TCError
 from protocol import keys as curve_keys
 from protocol.daemon import (check_plain_tcp, install_signal_handlers, sd_notify, setup_logging,
                              watchdog_interval, watchdog_loop)
@@ -35,6 +36,8 @@ from .image.service import ImageService
 from .session import HelloInfo, Session
 from .tasks import TaskRunner
 from .replicas import Replicas
+from .runtime import make_driver
+from .runtime.sandboxes import SandboxService
 from .storage import StorageProbe
 from .transfer import TransferService
 
@@ -119,6 +122,13 @@ class Agent:
             log.info("catalog epoch %s seq %d; reconcile: %d missing, %d orphans", ident.epoch, ident.seq,
                      len(reconcile["missing"]), len(reconcile["orphans"]))
             caps = await asyncio.to_thread(host.capabilities, cfg)
+            driver = make_driver(cfg)
+            try:
+                await asyncio.to_thread(driver.start)  # RT-3 canary, RT-5 initramfs
+            except TCError as exc:  # a forced accelerator that does not work stops the agent (RT-3)
+                raise StartupError(f"runtime driver: {exc.message}") from None
+            caps["sandbox"] = caps["sandbox"] and driver.sandbox
+            self.versions.runtime = driver.versions()  # RT-6, under agent.versions overrides
             address = await asyncio.to_thread(host.node_address, cfg)
             versions = await asyncio.to_thread(self.versions.refresh)
             log.info("capabilities %s; versions %s; address %s", caps, versions, address)
@@ -138,15 +148,21 @@ class Agent:
             sd_notify(f"READY=1\nSTATUS=blob endpoint {blob_endpoint}; connecting to the coordinator")
             info = HelloInfo(node_id=cfg.node_id, blob_endpoint=blob_endpoint, labels=dict(cfg.agent.labels),
                              capabilities=caps, reconcile=reconcile, boot_ms=started_ms,
-                             facts=lambda: host.collect_facts(cfg))
+                             facts=lambda: {**host.collect_facts(cfg), **driver.facts()})
             images = ImageService(cfg, catalog)
             leftovers = await asyncio.to_thread(images.recover)
             if leftovers:
                 log.info("removed build leftovers of an earlier run: %s", ", ".join(leftovers[:10]))
             # Fetches run in worker threads with plain sockets on the same libzmq context.
             transfers = TransferService(cfg, catalog, grants, zmq.Context.shadow(ctx.underlying), pair, images.store)
-            runner = TaskRunner(catalog, {**images.handlers(), **transfers.handlers(), **Replicas(catalog).handlers(),
-                                          **StorageProbe(cfg).handlers()},
+            sandboxes = SandboxService(cfg, catalog, driver, self.versions.get,
+                                       lambda: {"cpu_flags_hash": host.cpu_flags_hash(), **driver.facts()})
+            await asyncio.to_thread(sandboxes.reattach)  # RT-15/RT-16, before HELLO (GC-14)
+            info.sandboxes = sandboxes.running
+            sandboxes.start_monitor()
+            runner = TaskRunner(catalog, {**images.handlers(), **transfers.handlers(),
+                                          **Replicas(catalog, sandboxes.remove_replica_files).handlers(),
+                                          **StorageProbe(cfg).handlers(), **sandboxes.handlers()},
                                 progress_interval=float(cfg.task.progress_interval),
                                 retention=float(cfg.task.record_retention))
             pruned = runner.prune()
@@ -156,6 +172,7 @@ class Agent:
             try:
                 return await self._supervise(session, blobs)
             finally:
+                sandboxes.stop()
                 await runner.close()
         finally:
             if blobs is not None:

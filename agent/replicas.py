@@ -7,7 +7,7 @@ snapshot. Removal drops whatever this node holds for the template; nothing there
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from protocol import ids
 from protocol.errors import InvalidRequest
@@ -20,8 +20,10 @@ KIND = REPLICA_KIND
 
 
 class Replicas:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, remove_files: Callable[[str], None] | None = None) -> None:
         self.catalog = catalog
+        # The runtime's memory-snapshot files of a template (agent/runtime/sandboxes.py).
+        self.remove_files = remove_files
 
     def handlers(self) -> dict[str, Any]:
         return {"REMOVE_REPLICA": self.remove_task}
@@ -32,6 +34,8 @@ class Replicas:
             raise InvalidRequest(f"template_id {str(template_id)[:80]!r} is not tpl-<24 hex>",
                                  {"field": "template_id", "reason": "format"})
         existed = self.catalog.get(KIND, template_id) is not None
+        if self.remove_files is not None:
+            self.remove_files(template_id)  # CAT-8: files first, then the entry
         if existed:
             self.catalog.delete(KIND, template_id)
             log.info("replica of %s removed", template_id)

@@ -116,6 +116,7 @@ class HelloInfo:
     reconcile: dict[str, Any]
     boot_ms: int
     facts: Callable[[], dict[str, Any]] = field(repr=False)
+    sandboxes: Callable[[], int] = field(default=lambda: 0, repr=False)  # RUNNING ones, for heartbeats
 
 
 class Session:
@@ -417,7 +418,7 @@ class Session:
         beat = Heartbeat(msg_id=self._ids.next(), session_id=live.session_id, seq=live.beat_seq,
                          catalog_seq=ident.seq, catalog_digest=ident.digest, versions_digest=digest,
                          refs_digest="", storage=host.storage(self._cfg.agent.state_dir),
-                         mem_free=host.mem_free(), sandboxes=0)
+                         mem_free=host.mem_free(), sandboxes=self._info.sandboxes())
         if await self._send(sock, beat):
             self.counters["heartbeat"] += 1
 

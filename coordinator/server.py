@@ -29,6 +29,8 @@ from .lease import FlushLoop, LeaseLoop
 from .nodes import NodeRegistry
 from .storage import StorageProbe
 from .presence import PresenceChecker
+from .resolve import RegistryNodes, ResolveIndex
+from .sandboxes import Sandboxes
 from protocol.peers import PeerTable
 from .security import CurveServer
 from .grants import Grants
@@ -145,6 +147,19 @@ class Coordinator:
                                     scan_timeout=float(cfg.compat.scan_timeout))
         self.events.listen(self.compat.on_event)
 
+        # The resolve index (RES-1, RES-4): fully built before resolve is served, then kept
+        # current by events. Replica and template rows are written in worker threads, so their
+        # change notices reach the event bus through the loop.
+        loop = asyncio.get_running_loop()
+        self.template_services.rows.on_change = (
+            lambda topic, kind, data: loop.call_soon_threadsafe(self.events.publish, topic, kind, data))
+        self.resolve_index = ResolveIndex(self.engine, RegistryNodes(self.registry, cfg.storage),
+                                          backstop=float(cfg.resolve.backstop_interval))
+        self.events.listen(self.resolve_index.on_event)
+        await self.resolve_index.start()
+        self.sandboxes = Sandboxes(self.engine, self.registry, self.resolve_index, self.dispatcher,
+                                   publish=self.events.publish, schedule_scan=self.compat.schedule)
+
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
         gid = prepare_ipc_dir(cfg.coordinator.admin_endpoint, cfg.coordinator.admin_group)
@@ -154,7 +169,8 @@ class Coordinator:
                            peers=self.peers, keys=self.keys, jobs=self.jobs, templates=self.template_services,
                            wake_jobs=self.runner.wake, compat=self.compat,
                            storage=StorageProbe(self.registry, self.dispatcher, cfg.storage,
-                                                timeout=float(cfg.storage.refresh_timeout)))
+                                                timeout=float(cfg.storage.refresh_timeout)),
+                           resolve=self.resolve_index, sandboxes=self.sandboxes)
         self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
 
         self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -182,6 +198,8 @@ class Coordinator:
             await self.runner.stop()
         if getattr(self, "presence", None) is not None:
             self.presence.stop()
+        if getattr(self, "resolve_index", None) is not None:
+            self.resolve_index.stop()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

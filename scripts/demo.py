@@ -4,8 +4,9 @@
 Shows the node lifecycle (the agents join, turn READY, one is cordoned and uncordoned), then
 the main job: a small sample image (busybox, written as an OCI archive by the test OCI writer)
 becomes a template on all three agents — built once, copied agent to agent — and
-`tcctl template show` lists its READY replicas; it ends with the compat matrix and the
-storage status of the three nodes.
+`tcctl template show` lists its READY replicas (demo-1, the QEMU host, with a memory
+snapshot); then the compat matrix and the storage status, and a sandbox restored from that
+snapshot: its console, then its destruction.
 On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
 `make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
 """
@@ -29,6 +30,7 @@ PIDS = DEMO / "pids.json"
 ADMIN = f"ipc://{RUN}/admin.sock"
 PY = sys.executable
 NODES = ("demo-1", "demo-2", "demo-3")
+SANDBOX_NODE = "demo-1"  # the one with a QEMU runtime; the others are build-only
 
 
 def port(preferred: int) -> int:
@@ -87,6 +89,13 @@ def stop_pids() -> None:
     PIDS.unlink()
 
 
+def guest_kernel() -> str:
+    """The newest guest kernel `make guest-kernel` fetched (RT-5), or "" without one."""
+    boot = Path(os.environ.get("HOME", "/root")) / ".cache" / "templatecenter" / "guest" / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*")) if boot.is_dir() else []
+    return str(kernels[-1]) if kernels else ""
+
+
 def sample_image() -> str:
     """An oci-archive with busybox (static, from the busybox-static package) and a few files."""
     sys.path.insert(0, str(ROOT))
@@ -95,11 +104,15 @@ def sample_image() -> str:
     busybox = Path("/bin/busybox")
     files = [Dir("bin"), Dir("etc"), Dir("tmp", mode=0o1777),
              File("etc/os-release", b"NAME=templatecenter-demo\nID=tc-demo\n"),
+             File("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"), File("etc/group", b"root:x:0:\n"),
              File("etc/motd", b"built by make demo\n")]
     if busybox.exists():
-        files += [File("bin/busybox", busybox.read_bytes(), mode=0o755), Symlink("bin/sh", "busybox")]
+        files += [File("bin/busybox", busybox.read_bytes(), mode=0o755), Symlink("bin/sh", "busybox"),
+                  Symlink("bin/cat", "busybox"), Symlink("bin/sleep", "busybox")]
+    # The entrypoint ticks on the console, so a restored sandbox visibly goes on counting.
+    tick = "cat /etc/motd; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.5; done"
     img = oci.image([layer(files), layer([File("etc/motd", b"built by make demo, layer 2\n")])],
-                    config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+                    config={"Entrypoint": ["/bin/sh", "-c", tick], "Env": ["PATH=/bin"]})
     (DEMO / "import").mkdir(parents=True, exist_ok=True)
     path = DEMO / "import" / "sample.tar"
     oci.write_oci_archive(path, img, tag="v1")
@@ -148,14 +161,22 @@ def main() -> int:
                                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait(lambda: tcctl("node", "list").returncode == 0, 30, "the coordinator")
+        kernel = guest_kernel()
         for node in NODES:
+            if node == SANDBOX_NODE and kernel:
+                # The sandbox host: QEMU microVMs. TCG, because KVM is rarely usable where demos
+                # run (RT-3's canary would spend 20 s finding that out); guest_image and
+                # hypervisor versions come from the kernel, initramfs and QEMU (RT-6).
+                runtime = {"runtime.driver": "qemu", "runtime.accel": "tcg", "runtime.guest_kernel": kernel}
+            else:
+                # Build-only nodes: no sandbox runtime; what replicas pin says so (COMPAT-1).
+                runtime = {"runtime.driver": "none", "agent.versions.guest_image": "demo-guest-1",
+                           "agent.versions.hypervisor": "none"}
             argv = [PY, "-m", "agent.main", *sets({
                 **common, "agent.node_id": node, "agent.state_dir": f"{DEMO}/agents/{node}",
                 "agent.coordinators": f"tcp://127.0.0.1:{agent_port}", "agent.blob_endpoint": "tcp://127.0.0.1:*",
-                "agent.address": "127.0.0.1", "agent.labels.demo": "yes", "runtime.driver": "none",
-                "agent.coordinator_keys": coord_key, "image.local_roots": f'["{DEMO}/import"]',
-                # What replicas pin (COMPAT-1): a build-only node has no hypervisor, and says so.
-                "agent.versions.guest_image": "demo-guest-1", "agent.versions.hypervisor": "none"})]
+                "agent.address": "127.0.0.1", "agent.labels.demo": "yes",
+                "agent.coordinator_keys": coord_key, "image.local_roots": f'["{DEMO}/import"]', **runtime})]
             print(f"demo: starting agent {node}", flush=True)
             procs[node] = subprocess.Popen(argv, cwd=ROOT, stdout=open(DEMO / f"agent-{node}.log", "ab"),
                                            stderr=subprocess.STDOUT, start_new_session=True)
@@ -170,11 +191,33 @@ def main() -> int:
         image = sample_image()
         print(f"demo: the main job: a template from {image}, built on demo-1, on all three agents", flush=True)
         show("template", "create", "--image", image, "--builder", "demo-1", "--alias", "demo", "--wait",
-             "--request-id", f"demo-create-{int(time.time())}")
+             "--snapshot-mode", "memory", "--memory-mib", "256", "--request-id", f"demo-create-{int(time.time())}")
         show("template", "show", "demo")
         show("job", "list")
         show("compat", "matrix")
         show("storage", "status")
+        if kernel:
+            print(f"demo: a sandbox from the template, restored from {SANDBOX_NODE}'s memory snapshot", flush=True)
+            show("resolve", "demo")
+            r = tcctl("sandbox", "create", "--template", "demo", "--request-id", f"demo-sbx-{int(time.time())}",
+                      json_out=True)
+            print("\n$ tcctl sandbox create --template demo", flush=True)
+            sid = ""
+            if r.returncode == 0:
+                sbx = json.loads(r.stdout)["sandbox"]
+                sid = sbx["sandbox_id"]
+                print(f"sandbox {sid} {sbx['state']} on {sbx['node_id']}, restore {sbx['restore']}, "
+                      f"ready in {sbx.get('ready_ms')} ms", flush=True)
+            else:
+                print((r.stdout + r.stderr).strip(), flush=True)
+            if sid:
+                wait(lambda: "tick 3" in tcctl("sandbox", "show", sid, "--console").stdout, 60, "the console")
+                show("sandbox", "list")
+                show("sandbox", "show", sid, "--console")
+                show("sandbox", "destroy", sid)
+        else:
+            print("demo: no guest kernel in ~/.cache/templatecenter/guest (make guest-kernel): no sandbox",
+                  flush=True)
         if sys.stdin.isatty():
             print(f"\ndemo: running. Try `.venv/bin/tcctl node list --endpoint {ADMIN}`. "
                   "Ctrl-C stops everything (or `make demo-stop` from another shell).", flush=True)

@@ -231,3 +231,17 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+# --- QEMU sandboxes (issue 7) ------------------------------------------------------------------
+
+# The guest kernel `make guest-kernel` fetches (RT-5); `make test` depends on it.
+GUEST_BOOT = Path(os.environ.get("HOME", "/root")) / ".cache" / "templatecenter" / "guest" / "boot"
+GUEST_KERNELS = sorted(GUEST_BOOT.glob("vmlinuz-*")) if GUEST_BOOT.is_dir() else []
+HAVE_QEMU = bool(GUEST_KERNELS) and shutil.which("qemu-system-x86_64") is not None
+NEEDS_QEMU = "needs qemu-system-x86_64 and the guest kernel in ~/.cache/templatecenter/guest (make guest-kernel)"
+
+
+def qemu_agent_extra() -> list[str]:
+    """--set items for an agent with the qemu runtime under TCG (this machine's KVM cannot boot)."""
+    return ["runtime.driver=qemu", "runtime.accel=tcg", f"runtime.guest_kernel={GUEST_KERNELS[-1]}"]

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ..keys import KeyRegistry
     from ..nodes import NodeRegistry
     from ..storage import StorageProbe
+    from ..resolve import ResolveIndex
+    from ..sandboxes import Sandboxes
     from protocol.peers import PeerTable
 
 
@@ -31,5 +33,7 @@ class AdminContext:
     wake_jobs: Callable[[], None] = lambda: None    # a new job: let the runner pick it up now
     compat: "CompatScanner | None" = None           # compat scans (COMPAT-4, COMPAT-8; issue 6)
     storage: "StorageProbe | None" = None           # storage status --refresh (SNAP-22)
+    resolve: "ResolveIndex | None" = None           # the resolve index (RES-1, RES-4; issue 7)
+    sandboxes: "Sandboxes | None" = None            # sandbox records and lifecycle (RT-17 to RT-19)
     # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
     progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

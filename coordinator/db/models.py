@@ -274,3 +274,36 @@ class Placement(Base):
     created_ms: Mapped[int] = mapped_column(default=0)
 
     __table_args__ = (Index("ix_placements_node", "node_id"),)
+
+
+class Sandbox(Base):
+    """The coordinator's record of a sandbox it created (RT-17, RT-19): written CREATING before
+    the agent gets the task, its state updated from the answer, deleted on destroy. The live
+    state comes from the node's mirrored catalog (CAT-6); snapshot and commit read the original
+    spec from here. ``request_id`` is unique: a retried create returns the same sandbox."""
+    __tablename__ = "sandboxes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    request_digest: Mapped[str] = mapped_column(String(64), default="")  # TPL-5-style payload check
+    name: Mapped[str] = mapped_column(String(128), default="")
+    source_kind: Mapped[str] = mapped_column(String(16), default="template")  # template | snapshot
+    source_id: Mapped[str] = mapped_column(String(32))
+    # No foreign key: template delete is refused while records exist (TPL-26), never cascaded.
+    template_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    node_id: Mapped[str] = mapped_column(String(63))
+    runtime_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # a copy of the template's (TPL-30)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)  # probe, snapshot mode, artifact, compat policy
+    vcpus: Mapped[int] = mapped_column(Integer, default=1)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=512)
+    restore: Mapped[str] = mapped_column(String(8), default="cold")  # memory | cold
+    state: Mapped[str] = mapped_column(String(16), default="CREATING")  # last known (CONV-3)
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_ms: Mapped[int] = mapped_column(default=0)
+    updated_ms: Mapped[int] = mapped_column(default=0)
+
+    __table_args__ = (
+        Index("ix_sandboxes_template", "template_id"),  # TemplateInUse (TPL-26)
+        Index("ix_sandboxes_node", "node_id"),
+    )

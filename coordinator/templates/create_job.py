@@ -326,18 +326,55 @@ class CreateJob(JobType):
         await self._replica_ready(ctx, ctx.job["resource_id"], target, art["id"])
 
     async def _replica_ready(self, ctx: JobContext, tpl_id: str, node: str, art_id: str) -> None:
-        """DIST-6/DIST-7: rootfs mode has no snapshot step, so DISTRIBUTED is READY at once."""
+        """DIST-6/DIST-7: rootfs mode has no snapshot step, so DISTRIBUTED is READY at once. In
+        memory mode a sandbox-capable node first makes the template's memory snapshot (DIST-9,
+        TPL-13); build-only nodes get rootfs-only READY replicas."""
         from ..compat.evaluate import evaluate, policy_of
         await ctx.db(self.services.rows.placement, art_id, node)
         pins = await ctx.db(self.services.fleet.versions, node)
         # DIST-7: the template's compat policy evaluated at once (COMPAT-3; UNKNOWN if a value is empty).
         tpl = await ctx.db(self.services.rows.template, tpl_id)
-        compat = evaluate(policy_of((tpl or {}).get("spec")), pins, pins,
-                          node_ready=self.services.fleet.health(node) is Health.READY)
+        memory = False
+        if ((tpl or {}).get("spec") or {}).get("snapshot_mode") == "memory" and self._sandbox_capable(node):
+            prepared = await self._prepare_replica(ctx, tpl or {}, node, art_id)
+            if prepared is None:
+                return  # FAILED in SNAPSHOTTING, recorded
+            memory = bool(prepared.get("has_memory_snapshot", True))
+            pins = {**pins, **{k: str(v) for k, v in (prepared.get("pins") or {}).items()}}
+        current = await ctx.db(self.services.fleet.versions, node)
+        compat = evaluate(policy_of((tpl or {}).get("spec")), pins, current,
+                          node_ready=self.services.fleet.health(node) is Health.READY, has_memory_snapshot=memory)
         await ctx.db(self.services.rows.replica, tpl_id, node, status=tr.READY, phase="READY",
                      cleanup_required=False, artifact_id=art_id, job_id=ctx.job_id, last_error="",
-                     last_error_phase="", pins=pins, compat=str(compat),
+                     last_error_phase="", pins=pins, compat=str(compat), has_memory_snapshot=memory,
                      compat_checked_ms=self.services.rows.now_ms())
+
+    def _sandbox_capable(self, node: str) -> bool:
+        n = self.services.fleet.registry.nodes.get(node)
+        return bool(n is not None and (n.capabilities or {}).get("sandbox"))
+
+    async def _prepare_replica(self, ctx: JobContext, tpl: dict[str, Any], node: str,
+                               art_id: str) -> dict[str, Any] | None:
+        """DIST-9: the replica turns SNAPSHOTTING (still FAILED with cleanup_required, CONV-9),
+        the node boots the template once, waits for its probe and snapshots it
+        (PREPARE_REPLICA). The task result, or None after recording the replica FAILED with
+        ``last_error_phase`` SNAPSHOTTING."""
+        rows = self.services.rows
+        await ctx.db(rows.replica, tpl["id"], node, status=tr.FAILED, phase="SNAPSHOTTING", cleanup_required=True,
+                     artifact_id=art_id, job_id=ctx.job_id, last_error="", last_error_phase="")
+        spec = spec_of(tpl)
+        art = await ctx.db(rows.artifact, art_id)
+        args = {"template_id": tpl["id"], "artifact_id": art_id,
+                "runtime_config": tpl.get("runtime_config") or runtime_config((art or {}).get("image_config") or {},
+                                                                              spec),
+                "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "probe": spec.probe}
+        try:
+            return await ctx.run_task(node, "PREPARE_REPLICA", args, step="PREPARE_REPLICA")
+        except TCError as exc:
+            log.warning("job %s: memory snapshot of %s on %s failed: %s", ctx.job_id, tpl["id"], node, exc.message)
+            await ctx.db(rows.replica, tpl["id"], node, status=tr.FAILED, phase="FAILED", artifact_id=art_id,
+                         job_id=ctx.job_id, last_error=f"{exc.name}: {exc.message}", last_error_phase="SNAPSHOTTING")
+            return None
 
     async def _replica_failed(self, ctx: JobContext, art_id: str, node: str, message: str) -> None:
         await ctx.db(self.services.rows.replica, ctx.job["resource_id"], node, status=tr.FAILED, phase="FAILED",

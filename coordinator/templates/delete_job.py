@@ -40,10 +40,7 @@ class DeleteJob(JobType):
             return
         ctx.state["artifacts"] = [a for a in (tpl["artifact_id"], tpl["memstate_artifact_id"]) if a]
         if tpl["status"] != tr.DELETING:
-            def mark() -> None:
-                with self.services.rows.sessions.begin() as s:
-                    tr.transition_template(s, tpl["id"], tpl["status"], tr.DELETING)
-            await ctx.db(mark)
+            await ctx.db(self.services.rows.mark_deleting, tpl["id"], tpl["status"])
 
     async def _on_node(self, ctx: JobContext, node: str, op: str, args: dict[str, Any], pending: list[str]) -> None:
         health = self.services.fleet.health(node)

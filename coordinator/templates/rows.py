@@ -111,6 +111,11 @@ class Rows:
 
     # --- replicas (DIST-2, DIST-6, DIST-7, CONV-9) ----------------------------------------------
 
+    # Called as on_change(topic, kind, data) after a replica or template status write commits:
+    # the coordinator publishes it as an event (the resolve index keeps current with it, RES-4).
+    # Rows run in worker threads, so the callback must be thread-safe.
+    on_change: Callable[[str, str, dict[str, Any]], None] | None = None
+
     def replica(self, template_id: str, node_id: str, **values: Any) -> None:
         """Upsert one replica row; no failure of one replica undoes another's (DIST-7)."""
         values["updated_ms"] = self.now_ms()
@@ -119,6 +124,8 @@ class Rows:
                             .values(**values)).rowcount
             if not cur:
                 s.execute(insert(R).values(template_id=template_id, node_id=node_id, **values))
+        if self.on_change is not None:
+            self.on_change(f"template.{template_id}", "replica", {"template": template_id, "node": node_id, **values})
 
     def replicas(self, template_id: str) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -165,6 +172,11 @@ class Rows:
                     if not tr.transition_template(s, template_id, tpl["status"], status, **values):
                         raise Internal(f"template {template_id} could not go {tpl['status']} → {status}",
                                        {"template_id": template_id})
+                if self.on_change is not None:
+                    if "alias" in values and holder is not None:
+                        self.on_change(f"template.{holder}", "alias", {"template": holder, "alias": None})
+                    self.on_change(f"template.{template_id}", "status", {
+                        "template": template_id, "status": status, "alias": values.get("alias", tpl["alias"])})
                 return warning
             except IntegrityError:
                 if conflicts:
@@ -177,6 +189,15 @@ class Rows:
         raise Internal(f"publishing template {template_id} kept conflicting", {"template_id": template_id})
 
     def set_alias(self, template_id: str, alias: str, *, transfer: bool) -> dict[str, Any]:
+        result = self._set_alias(template_id, alias, transfer=transfer)
+        if result["changed"] and self.on_change is not None:  # the resolve index follows aliases (RES-4)
+            if result["released_from"]:
+                self.on_change(f"template.{result['released_from']}", "alias",
+                               {"template": result["released_from"], "alias": None})
+            self.on_change(f"template.{template_id}", "alias", {"template": template_id, "alias": result["alias"]})
+        return result
+
+    def _set_alias(self, template_id: str, alias: str, *, transfer: bool) -> dict[str, Any]:
         """TPL-18 in one transaction: "" clears (any non-DELETING template; nothing to clear is
         a no-op); a claim needs READY and an alias nobody else holds, unless ``transfer``
         releases it from its holder in the same transaction. Retried once on a unique conflict
@@ -286,3 +307,13 @@ class Rows:
         with self.sessions.begin() as s:
             s.execute(R.delete().where(R.c.template_id == template_id))
             s.execute(T.delete().where(T.c.id == template_id))
+        if self.on_change is not None:
+            self.on_change(f"template.{template_id}", "deleted", {"template": template_id})
+
+    def mark_deleting(self, template_id: str, from_status: str) -> None:
+        """TPL-27's first step: DELETING hides the template from resolve and releases its alias."""
+        with self.sessions.begin() as s:
+            changed = tr.transition_template(s, template_id, from_status, tr.DELETING)
+        if changed and self.on_change is not None:
+            self.on_change(f"template.{template_id}", "status",
+                           {"template": template_id, "status": tr.DELETING, "alias": None})

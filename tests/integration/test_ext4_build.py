@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.image import ext4
+from agent.image import ext4, ext4tools
 from agent.image.ext4 import build_ext4, fingerprint, fs_uuid, size_tree
 from agent.image.preflight import preflight, require_build_tools
 from agent.image.unpack import UnpackLimits, UnpackState, unpack_layers
@@ -244,7 +244,7 @@ def test_cancel(tmp_path):
 
     def run():
         try:
-            ext4._run(["sh", "-c", f"touch {mark}; exec sleep 60"], stage="mke2fs", env={"PATH": os.defpath},
+            ext4tools.run(["sh", "-c", f"touch {mark}; exec sleep 60"], stage="mke2fs", env={"PATH": os.defpath},
                       timeout=120, cancel=ev2)
         except Exception as exc:  # noqa: BLE001
             box["exc"] = exc

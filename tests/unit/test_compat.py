@@ -15,7 +15,6 @@ from coordinator.compat import matrix
 from coordinator.compat.evaluate import Compat, Policy, evaluate, policy_of, reports_every_compared
 from coordinator.compat.scanner import CompatScanner
 from coordinator.compat.store import ReplicaView, TemplateView, _write, adopt_baseline
-from protocol.errors import TemplateHasNoReadyReplica, TemplateNotFound, TemplateStaleNeedsRedo
 from protocol.messages import Event
 from tests.support import Clock
 
@@ -237,52 +236,6 @@ def test_adopt_baseline_repins_unknown_replicas(tmp_path: Path) -> None:
                 c.execute(select(r.c.node_id, r.c.compat, r.c.pins).where(r.c.template_id == STRICT))}
     assert rows["n1"] == ("OK", vs(guest_image="g9")) and rows["n2"][0] == "UNKNOWN"
     assert adopt_baseline(engine, STRICT, {"n1": vs(guest_image="g9")}, 1235) == []  # nothing left
-
-
-def test_resolve_ranks_and_errors(tmp_path: Path) -> None:
-    """RES-2, RES-3, COMPAT-5: READY replicas on placeable nodes, OK before UNKNOWN, never STALE,
-    then node id; a preferred candidate wins, another preference is ignored; all STALE →
-    TemplateStaleNeedsRedo {template, nodes} sorted; none usable → TemplateHasNoReadyReplica with
-    per-node reasons; unknown alias → TemplateNotFound."""
-    from coordinator.db.models import Replica
-    from coordinator.health import AdminState
-    from coordinator.resolve import Resolver
-    from coordinator.templates.fleet import Fleet
-    reg, engine = _registry(tmp_path)
-    r = Replica.__table__
-    res = Resolver(Fleet(reg, engine), engine)
-
-    def set_compat(node: str, value: str) -> None:
-        with engine.begin() as c:
-            c.execute(update(r).where(r.c.template_id == STRICT, r.c.node_id == node).values(compat=value))
-
-    got = res.resolve("strict")
-    assert (got["node"], got["address"], got["restore"], got["replica"]["compat"]) == ("n1", "10.0.0.1", "cold", "OK")
-    assert res.resolve("strict", "n2")["node"] == "n2"
-    assert res.resolve("strict", "n3")["node"] == "n1"  # n3 holds no replica: ignored
-    set_compat("n1", "UNKNOWN")
-    assert res.resolve(STRICT)["node"] == "n2"  # OK before UNKNOWN
-    set_compat("n2", "STALE")
-    assert res.resolve(STRICT, "n2")["node"] == "n1"  # never STALE, even preferred
-    set_compat("n1", "STALE")
-    with pytest.raises(TemplateStaleNeedsRedo) as stale:
-        res.resolve("strict")
-    assert stale.value.details == {"template": STRICT, "nodes": ["n1", "n2"]}
-    reg.nodes["n1"].admin_state = AdminState.CORDONED
-    with pytest.raises(TemplateStaleNeedsRedo) as stale:
-        res.resolve("strict")
-    assert stale.value.details["nodes"] == ["n2"]
-    set_compat("n2", "OK")
-    with engine.begin() as c:
-        c.execute(update(r).where(r.c.template_id == STRICT, r.c.node_id == "n2").values(status="FAILED",
-                                                                                          phase="FAILED"))
-    with pytest.raises(TemplateHasNoReadyReplica) as none:
-        res.resolve("strict")
-    assert none.value.message == "template strict is not ready on any placeable node"
-    reasons = {d["node"]: d["reason"] for d in none.value.details["nodes"]}
-    assert reasons["n1"].startswith("not placeable") and reasons["n2"].startswith("replica FAILED")
-    with pytest.raises(TemplateNotFound):
-        res.resolve("nope")
 
 
 def test_rescan_command_in_process(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from agent.image.ext4 import (
     GIB,
     MIB,
     Sizing,
-    _parse_ls,
     count_tree,
     fingerprint,
     fingerprint_doc,
@@ -22,6 +21,7 @@ from agent.image.ext4 import (
     size_for,
     size_tree,
 )
+from agent.image.ext4pin import _parse_ls
 from protocol.config import BuildConfig
 
 CFG = BuildConfig()

@@ -7,6 +7,7 @@ Refused with TemplateAttemptInProgress "deletion is blocked while a build job is
 while a CREATE/REDO/COMMIT job runs (``--force`` cancels it first), and with
 TemplateCleanupLocatorMissing when a replica or placement sits on an unknown node (``--force``
 counts such nodes as done; their leftovers go when they return).
+TemplateInUse while sandboxes made from the template exist (FAILED ones aside), even with ``--force``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class TemplateDelete(Command):
         from ...jobs.store import job_info
         jobs = store(ctx)
         tpl = await resolve_template(ctx, args["template"])
+        # TPL-26, TPL-28: sandboxes made from it block the delete, --force or not, before any change.
+        from ...sandboxes import check_not_in_use
+        await asyncio.to_thread(check_not_in_use, ctx.engine, tpl["id"])
         force = bool(args.get("force"))
         active = await asyncio.to_thread(jobs.active_job, tpl["id"])
         if active is not None and active["operation"] in BUILD_OPS:

@@ -1,0 +1,119 @@
+"""Runtime driver logic without VMs: the ``none`` driver (RT-2), the control-channel parser
+(RT-8), probe validation (RT-9), the restore compatibility check (COMPAT-7) and RT-6's
+versions under ``agent.versions`` overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import facts as host
+from agent.catalog import Catalog
+from agent.config import load_config
+from agent.runtime import NoneDriver, make_driver
+from agent.runtime.qemu import Control
+from agent.runtime.sandboxes import SandboxService, _check_probe
+from agent.tasks import TaskContext
+from protocol.errors import InvalidRequest, ReplicaIncompatible, SandboxUnsupported
+
+PINS = {"guest_image": "6.1+abc", "agent": "0.1.0", "hypervisor": "7.2.22", "host_kernel": "6.1.0"}
+FACTS = {"accelerator": "tcg", "cpu_flags_hash": "f" * 16}
+
+
+def cfg(tmp_path: Path, *sets: str):  # noqa: ANN201 — AgentConfig
+    return load_config(None, [f"agent.state_dir={tmp_path}", "security.curve=false", "agent.node_id=n1", *sets])
+
+
+def service(tmp_path: Path, versions: dict[str, str], facts: dict[str, str], driver=None) -> SandboxService:  # noqa: ANN001
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    c = cfg(tmp_path, "runtime.driver=none")
+    return SandboxService(c, Catalog.open(str(tmp_path)), driver or NoneDriver("n1"), lambda: versions,
+                          lambda: facts)
+
+
+def test_none_driver_refuses_every_sandbox_task(tmp_path: Path) -> None:
+    """RT-2: SandboxUnsupported "node N has no sandbox runtime (driver none)", before any
+    argument is validated."""
+    svc = service(tmp_path, PINS, FACTS)
+    assert make_driver(cfg(tmp_path, "runtime.driver=none")).sandbox is False
+    for op, handler in svc.handlers().items():
+        with pytest.raises(SandboxUnsupported, match=r"^node n1 has no sandbox runtime \(driver none\)$"):
+            handler(TaskContext("tsk-1", op, {"sandbox_id": "bogus"}, lambda _: None))
+
+
+def test_control_lines_parse_with_carriage_returns() -> None:
+    """RT-8: started, ready, exited CODE, failed REASON (hvc0 adds \\r)."""
+    c = Control("started\r\nready\r\nexited 7\r\n")
+    assert (c.started, c.ready, c.exit_code, c.failed) == (True, True, 7, "")
+    assert Control("started\r\n").ready is False and Control("").exit_code is None
+    assert Control("failed cannot mount /dev/vda\n").failed == "cannot mount /dev/vda"
+
+
+@pytest.mark.parametrize("probe", ["started", "exec:test -e /ready", "delay:3"])
+def test_valid_probes(probe: str) -> None:
+    """RT-9."""
+    _check_probe(probe)
+
+
+@pytest.mark.parametrize("probe", ["", "exec:", "delay:x", "delay:-1", "http:80", "exec:a\nb", 5])
+def test_invalid_probes(probe: object) -> None:
+    """RT-9, §1: anything else is InvalidRequest naming the probe field."""
+    with pytest.raises(InvalidRequest) as err:
+        _check_probe(probe)
+    assert err.value.details["field"] == "probe"
+
+
+def test_restore_compat_names_what_differs(tmp_path: Path) -> None:
+    """COMPAT-7: equal pins and facts pass; any difference is ReplicaIncompatible naming it."""
+    body = {"pins": PINS, "facts": FACTS, "memory": True}
+    service(tmp_path / "a", PINS, FACTS).check_compat("tpl-" + "1" * 24, body)
+    with pytest.raises(ReplicaIncompatible) as err:
+        service(tmp_path / "b", {**PINS, "guest_image": "6.1+def"}, {**FACTS, "accelerator": "kvm"}).check_compat(
+            "tpl-" + "1" * 24, body)
+    assert set(err.value.details["differs"]) == {"guest_image", "accelerator"}
+    assert "guest_image '6.1+abc' ≠ '6.1+def'" in err.value.message
+
+
+def test_runtime_versions_fill_only_what_the_config_leaves_empty(tmp_path: Path) -> None:
+    """RT-6, CFG-2: the driver's guest image version is used unless agent.versions sets one."""
+    plain = host.collect_versions(cfg(tmp_path, "runtime.driver=none"), {"guest_image": "6.1+abc"})
+    assert plain["guest_image"] == "6.1+abc"
+    empty = host.collect_versions(cfg(tmp_path, "runtime.driver=none", "agent.versions.guest_image="),
+                                  {"guest_image": "6.1+abc"})
+    assert empty["guest_image"] == "6.1+abc"
+    pinned = host.collect_versions(cfg(tmp_path, "runtime.driver=none", "agent.versions.guest_image=g-7"),
+                                   {"guest_image": "6.1+abc"})
+    assert pinned["guest_image"] == "g-7"
+
+
+def test_runtime_config_keys(tmp_path: Path) -> None:
+    """CFG-1: runtime.disk_mode is checked; guest_modules exists with an empty default."""
+    assert cfg(tmp_path).runtime.guest_modules == ""
+    from protocol.config import ConfigError
+    with pytest.raises(ConfigError, match="disk_mode"):
+        cfg(tmp_path, "runtime.disk_mode=zfs")
+
+
+def test_console_log_is_capped_to_its_newest_part(tmp_path: Path) -> None:
+    """RT-4: the console log stays ≤ runtime.console_cap, keeping the newest output."""
+    from agent.runtime.qemu import QemuDriver
+
+    drv = QemuDriver(cfg(tmp_path, "runtime.console_cap=64KiB"))
+    vm = drv.vm_dir("sbx-" + "a" * 24)
+    vm.mkdir(parents=True)
+    data = b"".join(b"line %06d\n" % i for i in range(20000))  # 220 KB
+    (vm / "console.log").write_bytes(data)
+    drv.cap_console(vm.name)
+    kept = (vm / "console.log").read_bytes()
+    assert len(kept) <= 64 << 10 and data.endswith(kept) and len(kept) == 32 << 10
+    assert drv.console(vm.name, 11) == "line 019999\n"[-11:]
+    drv.cap_console(vm.name)  # under the cap: untouched
+    assert (vm / "console.log").read_bytes() == kept
+
+
+def test_forced_tcg_needs_no_canary(tmp_path: Path) -> None:
+    """RT-3: runtime.accel = tcg is taken as is, with the reason in the facts."""
+    from agent.runtime.qemu import QemuDriver
+
+    drv = QemuDriver(cfg(tmp_path, "runtime.accel=tcg"))
+    assert drv._probe_accel() == ("tcg", "runtime.accel = tcg")
