@@ -67,6 +67,8 @@ test-fast: deps
 bench: deps
 	$(PY) tests/bench/heartbeats.py
 	$(PY) tests/bench/build.py
+	$(PY) tests/bench/distribution.py
+	$(PY) tests/bench/sandbox.py
 
 clean:
 	rm -rf .demo .pytest_cache .hypothesis

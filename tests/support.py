@@ -203,6 +203,18 @@ class Cluster:
         except json.JSONDecodeError:
             return r.returncode, r.stdout + r.stderr
 
+    def ok(self, *args: str, timeout: float = 10) -> Any:
+        """tcctl that must succeed: the parsed document."""
+        rc, doc = self.tcctl(*args, timeout=timeout)
+        assert rc == 0, (args, doc)
+        return doc
+
+    def err(self, *args: str, timeout: float = 10) -> dict[str, Any]:
+        """tcctl that must fail with a coordinator error (exit 1): the error object."""
+        rc, doc = self.tcctl(*args, timeout=timeout)
+        assert rc == 1 and isinstance(doc, dict) and "error" in doc, (args, rc, doc)
+        return doc["error"]
+
     def nodes(self) -> dict[str, dict[str, Any]]:
         rc, doc = self.tcctl("node", "list")
         assert rc == 0, doc

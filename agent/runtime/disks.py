@@ -56,11 +56,26 @@ def layer(mode: str, base: str, vm_dir: str) -> tuple[str, str]:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise RuntimeFailed("qemu-img is missing (package qemu-utils)", {"stage": "disk"})
-    res = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.abspath(base),
+    res = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", _pin_base(base, vm_dir),
                           os.path.join(vm_dir, "disk.qcow2")], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeFailed(f"cannot create the qcow2 overlay: {res.stderr.strip()[:300]}", {"stage": "disk"})
     return "disk.qcow2", "qcow2"
+
+
+def _pin_base(base: str, vm_dir: str) -> str:
+    """The backing file an overlay names: a hard link to ``base`` inside the sandbox's own dir,
+    so a REDO, REMOVE_REPLICA or artifact removal that unlinks the template ext4 or a replica's
+    frozen disk cannot pull the base from under a sandbox (or its restart); the bytes go when
+    the last sandbox using them is destroyed. Another file system: the base path itself."""
+    pinned = os.path.join(vm_dir, "base.raw")
+    try:
+        if os.path.lexists(pinned):
+            os.unlink(pinned)
+        os.link(base, pinned)
+        return os.path.abspath(pinned)
+    except OSError:
+        return os.path.abspath(base)
 
 
 def freeze(disk: str, fmt: str, dest: str) -> None:

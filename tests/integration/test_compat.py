@@ -41,11 +41,6 @@ def restart(cluster: Cluster, node: str, imports: Path, *versions: str) -> None:
     agent(cluster, node, imports, *versions)
 
 
-def ok(cluster: Cluster, *args: str, timeout: float = 10) -> Any:
-    rc, doc = cluster.tcctl(*args, timeout=timeout)
-    assert rc == 0, (args, doc)
-    return doc
-
 
 def replicas(cluster: Cluster) -> dict[tuple[str, str], tuple[str, int, dict[str, Any]]]:
     """(alias, node) → (compat, compat_checked_ms, pins), read from the coordinator's database."""
@@ -81,7 +76,7 @@ def test_version_changes_stale_matrix_resolve_redo_and_adopt(cluster: Cluster, t
     agent(cluster, "node-b", imports, f"guest_image={G1}", "hypervisor=")
     wait_for(lambda: cluster.health() == {"node-a": "READY", "node-b": "READY"}, 30, "both nodes READY")
     for alias, policy in (("strict", "STRICT"), ("guest", "GUEST_ONLY")):
-        doc = ok(cluster, "template", "create", "--image", ref, "--builder", "node-a", "--alias", alias,
+        doc = cluster.ok("template", "create", "--image", ref, "--builder", "node-a", "--alias", alias,
                  "--compat-policy", policy, "--wait", timeout=90)
         assert doc["job"]["status"] == "READY", doc
     # DIST-7: evaluated at once; node-b reports no hypervisor, which only STRICT compares.
@@ -94,7 +89,7 @@ def test_version_changes_stale_matrix_resolve_redo_and_adopt(cluster: Cluster, t
     restart(cluster, "node-b", imports, f"guest_image={G1}", "agent=9.9.9", "hypervisor=kvm-1")
     wait_for(lambda: compat(cluster)[("strict", "node-a")] == compat(cluster)[("guest", "node-a")] == "STALE",
              30, "node-a's replicas STALE")
-    started = ok(cluster, "node", "show", "node-a")["node"]["session"]["started"]
+    started = cluster.ok("node", "show", "node-a")["node"]["session"]["started"]
     assert started >= restarted_ms
     h = 0.2  # the Cluster's heartbeat.interval
     for alias in ("strict", "guest"):
@@ -103,12 +98,12 @@ def test_version_changes_stale_matrix_resolve_redo_and_adopt(cluster: Cluster, t
     wait_for(lambda: reported(cluster, "node-b").get("agent") == "9.9.9", 30, "node-b's new versions")
     wait_for(lambda: cluster.health() == {"node-a": "READY", "node-b": "READY"}, 30, "both nodes READY again")
     # node-b was scanned too (now, explicitly): GUEST_ONLY stays OK; STRICT stays UNKNOWN (its pin is empty).
-    scanned = ok(cluster, "compat", "rescan", "node-b")["nodes"]
+    scanned = cluster.ok("compat", "rescan", "node-b")["nodes"]
     assert [(s["node_id"], s["scanned"], s["changes"], s["error"]) for s in scanned] == [("node-b", 2, [], None)]
     assert compat(cluster) == {("strict", "node-a"): "STALE", ("strict", "node-b"): "UNKNOWN",
                                ("guest", "node-a"): "STALE", ("guest", "node-b"): "OK"}
 
-    m = ok(cluster, "compat", "matrix")
+    m = cluster.ok("compat", "matrix")
     assert m["nodes"] == ["node-a", "node-b"]
     assert m["summary"] == {"stale_templates": 2, "stale_replicas": 2, "affected_nodes": 1,
                             "missing_replicas": 0, "unknown_replicas": 1}
@@ -127,15 +122,15 @@ def test_version_changes_stale_matrix_resolve_redo_and_adopt(cluster: Cluster, t
     assert err["error"]["details"]["nodes"] == ["node-a"]
 
     # adopt-baseline: node-b now reports every version STRICT compares.
-    adopted = ok(cluster, "compat", "adopt-baseline", "strict")
+    adopted = cluster.ok("compat", "adopt-baseline", "strict")
     assert (adopted["adopted"], adopted["nodes"]) == (1, ["node-b"])
     comp, _, pins = replicas(cluster)[("strict", "node-b")]
     assert comp == "OK" and (pins["hypervisor"], pins["agent"]) == ("kvm-1", "9.9.9")
 
-    redo = ok(cluster, "template", "redo", "strict", "--failed-only", "--wait", timeout=90)
+    redo = cluster.ok("template", "redo", "strict", "--failed-only", "--wait", timeout=90)
     assert redo["job"]["status"] == "READY" and redo["job"]["nodes"]["expected"] == 1, redo
     comp, _, pins = replicas(cluster)[("strict", "node-a")]
     assert comp == "OK" and pins["guest_image"] == G2
-    assert ok(cluster, "resolve", "strict")["node"] == "node-a"
-    only = ok(cluster, "compat", "matrix", "--template", "strict")
+    assert cluster.ok("resolve", "strict")["node"] == "node-a"
+    only = cluster.ok("compat", "matrix", "--template", "strict")
     assert [r["alias"] for r in only["templates"]] == ["strict"] and only["templates"][0]["overall"] == "OK"

@@ -24,16 +24,6 @@ def cluster(tmp_path: Path) -> Any:
         c.stop()
 
 
-def ok(cluster: Cluster, *args: str, timeout: float = 10) -> Any:
-    rc, doc = cluster.tcctl(*args, timeout=timeout)
-    assert rc == 0, (args, doc)
-    return doc
-
-
-def err(cluster: Cluster, *args: str) -> dict[str, Any]:
-    rc, doc = cluster.tcctl(*args)
-    assert rc == 1 and isinstance(doc, dict) and "error" in doc, (args, rc, doc)
-    return doc["error"]
 
 
 def test_none_driver_nodes_build_but_never_get_sandboxes(cluster: Cluster, tmp_path: Path) -> None:
@@ -49,48 +39,48 @@ def test_none_driver_nodes_build_but_never_get_sandboxes(cluster: Cluster, tmp_p
     imports = tmp_path / "import"
     ref = archive(imports)
     start(cluster, ["node-a", "node-b"], imports)
-    doc = ok(cluster, "template", "create", "--image", ref, "--builder", "node-a", "--alias", "web",
+    doc = cluster.ok("template", "create", "--image", ref, "--builder", "node-a", "--alias", "web",
              "--snapshot-mode", "memory", "--wait", timeout=90)
     assert doc["job"]["status"] == "READY", doc
-    reps = ok(cluster, "template", "show", "web")["template"]["replicas"]
+    reps = cluster.ok("template", "show", "web")["template"]["replicas"]
     assert [(r["node_id"], r["status"], r["phase"], r["has_memory_snapshot"]) for r in reps] == [
         ("node-a", "READY", "READY", False), ("node-b", "READY", "READY", False)]
     tpl = doc["template_id"] if "template_id" in doc else doc["job"]["resource_id"]
 
     # Resolve (RES-3): the template is READY everywhere, but no node has a sandbox runtime.
-    e = err(cluster, "resolve", "web")
+    e = cluster.err("resolve", "web")
     assert (e["name"], e["message"]) == ("TemplateHasNoReadyReplica", "template web is not ready on any placeable node")
     assert e["details"] == {"template": tpl, "nodes": [
         {"node": "node-a", "reason": "no sandbox runtime (driver none)"},
         {"node": "node-b", "reason": "no sandbox runtime (driver none)"}]}
-    assert err(cluster, "resolve", "nope")["name"] == "TemplateNotFound"
-    assert err(cluster, "resolve", "snap-" + "0" * 24)["name"] == "SnapshotNotFound"
-    assert err(cluster, "resolve", "tpl-XYZ")["name"] == "InvalidRequest"
-    ok(cluster, "node", "cordon", "node-b")
-    reasons = {d["node"]: d["reason"] for d in err(cluster, "resolve", tpl)["details"]["nodes"]}
+    assert cluster.err("resolve", "nope")["name"] == "TemplateNotFound"
+    assert cluster.err("resolve", "snap-" + "0" * 24)["name"] == "SnapshotNotFound"
+    assert cluster.err("resolve", "tpl-XYZ")["name"] == "InvalidRequest"
+    cluster.ok("node", "cordon", "node-b")
+    reasons = {d["node"]: d["reason"] for d in cluster.err("resolve", tpl)["details"]["nodes"]}
     assert reasons["node-b"].startswith("not placeable: READY/CORDONED/storage "), reasons
 
     # Sandbox create (RT-17, RT-2).
-    e = err(cluster, "sandbox", "create", "--template", "web", "--node", "node-a")
+    e = cluster.err("sandbox", "create", "--template", "web", "--node", "node-a")
     assert (e["name"], e["message"]) == ("SandboxUnsupported", "node node-a has no sandbox runtime (driver none)")
-    e = err(cluster, "sandbox", "create", "--template", "web", "--node", "node-b")
+    e = cluster.err("sandbox", "create", "--template", "web", "--node", "node-b")
     assert e["name"] == "NodeNotEligible" and e["details"]["nodes"][0]["node"] == "node-b", e
-    assert err(cluster, "sandbox", "create", "--template", "web", "--node", "ghost")["name"] == "NodeNotFound"
-    ok(cluster, "node", "uncordon", "node-b")
-    e = err(cluster, "sandbox", "create", "--template", "web")
+    assert cluster.err("sandbox", "create", "--template", "web", "--node", "ghost")["name"] == "NodeNotFound"
+    cluster.ok("node", "uncordon", "node-b")
+    e = cluster.err("sandbox", "create", "--template", "web")
     assert e["name"] == "TemplateHasNoReadyReplica" and e["details"]["nodes"] == [
         {"node": "node-a", "reason": "no sandbox runtime (driver none)"},
         {"node": "node-b", "reason": "no sandbox runtime (driver none)"}], e
-    assert err(cluster, "sandbox", "create", "--snapshot", "snap-" + "1" * 24)["name"] == "SnapshotNotFound"
-    assert err(cluster, "sandbox", "create", "--template", "nope")["name"] == "TemplateNotFound"
+    assert cluster.err("sandbox", "create", "--snapshot", "snap-" + "1" * 24)["name"] == "SnapshotNotFound"
+    assert cluster.err("sandbox", "create", "--template", "nope")["name"] == "TemplateNotFound"
 
     # Records (RT-19): nothing was created, so nothing is listed; unknown ids are not found.
-    assert ok(cluster, "sandbox", "list")["sandboxes"] == []
+    assert cluster.ok("sandbox", "list")["sandboxes"] == []
     unknown = "sbx-" + "2" * 24
-    assert err(cluster, "sandbox", "show", unknown)["name"] == "SandboxNotFound"
-    assert err(cluster, "sandbox", "destroy", unknown)["name"] == "SandboxNotFound"
+    assert cluster.err("sandbox", "show", unknown)["name"] == "SandboxNotFound"
+    assert cluster.err("sandbox", "destroy", unknown)["name"] == "SandboxNotFound"
     # No sandboxes: the template deletes (TPL-26's TemplateInUse does not apply).
-    assert ok(cluster, "template", "delete", "web", "--wait", timeout=60)["job"]["status"] == "READY"
+    assert cluster.ok("template", "delete", "web", "--wait", timeout=60)["job"]["status"] == "READY"
     # The DELETE job's status change publishes no event yet: the backstop rebuild (RES-4) brings it.
     wait_for(lambda: cluster.tcctl("resolve", tpl)[1]["error"]["name"] == "TemplateNotFound", 10,
              "resolve to forget the deleted template")

@@ -37,23 +37,14 @@ def busybox_archive(imports: Path) -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
-    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db")
+    # No debounced compat scan during the test: COMPAT-7's refusal, not a scan, must find the change.
+    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", coord_extra=["compat.debounce=1h"])
     try:
         yield c
     finally:
         c.stop()
 
 
-def ok(cluster: Cluster, *args: str, timeout: float = 10) -> Any:
-    rc, doc = cluster.tcctl(*args, timeout=timeout)
-    assert rc == 0, (args, doc)
-    return doc
-
-
-def err(cluster: Cluster, *args: str) -> dict[str, Any]:
-    rc, doc = cluster.tcctl(*args)
-    assert rc == 1 and isinstance(doc, dict) and "error" in doc, (args, rc, doc)
-    return doc["error"]
 
 
 def test_sandbox_create_list_console_destroy(cluster: Cluster, tmp_path: Path) -> None:
@@ -63,7 +54,8 @@ def test_sandbox_create_list_console_destroy(cluster: Cluster, tmp_path: Path) -
     the record, a second destroy → SandboxNotFound. TPL-26: template delete → TemplateInUse while
     the sandbox exists (even with --force), allowed after destroy. DIST-9, TPL-13, RES-1: in
     memory mode the replica gets a memory snapshot, resolve answers restore "memory" and the
-    sandbox is restored from it."""
+    sandbox is restored from it. COMPAT-7, COMPAT-5: after the node's guest image changes, the
+    agent refuses the restore, the replica turns STALE and resolve says TemplateStaleNeedsRedo."""
     imports = tmp_path / "import"
     ref = busybox_archive(imports)
     cluster.start_coordinator()
@@ -71,50 +63,66 @@ def test_sandbox_create_list_console_destroy(cluster: Cluster, tmp_path: Path) -
                                    *qemu_agent_extra()])
     wait_for(lambda: cluster.health().get("node-q") == "READY", 60, "node-q READY")
     assert cluster.nodes()["node-q"]["capabilities"].get("sandbox") is True
-    doc = ok(cluster, "template", "create", "--image", ref, "--builder", "node-q", "--alias", "counter",
+    doc = cluster.ok("template", "create", "--image", ref, "--builder", "node-q", "--alias", "counter",
              "--memory-mib", "256", "--wait", timeout=180)
     assert doc["job"]["status"] == "READY", doc
-    assert ok(cluster, "resolve", "counter")["node"] == "node-q"
+    assert cluster.ok("resolve", "counter")["node"] == "node-q"
 
-    created = ok(cluster, "sandbox", "create", "--template", "counter", "--name", "demo", "--request-id", "req-1",
+    created = cluster.ok("sandbox", "create", "--template", "counter", "--name", "demo", "--request-id", "req-1",
                  timeout=180)["sandbox"]
     sid = created["sandbox_id"]
     assert (created["state"], created["node_id"], created["restore"], created["name"]) == \
         ("RUNNING", "node-q", "cold", "demo"), created
-    again = ok(cluster, "sandbox", "create", "--template", "counter", "--name", "demo", "--request-id", "req-1",
+    again = cluster.ok("sandbox", "create", "--template", "counter", "--name", "demo", "--request-id", "req-1",
                timeout=60)["sandbox"]
     assert again["sandbox_id"] == sid
 
     def listed() -> dict[str, Any] | None:
-        rows = ok(cluster, "sandbox", "list")["sandboxes"]
+        rows = cluster.ok("sandbox", "list")["sandboxes"]
         return next((r for r in rows if r["sandbox_id"] == sid and r["in_catalog"]), None)
     row = wait_for(listed, 30, "the sandbox in the node's catalog")
-    assert row["state"] == "RUNNING" and row["recorded"] and len(ok(cluster, "sandbox", "list")["sandboxes"]) == 1
+    assert row["state"] == "RUNNING" and row["recorded"] and len(cluster.ok("sandbox", "list")["sandboxes"]) == 1
     # WIRE-8: heartbeats count the node's RUNNING sandboxes (RT-18 capacity reads it).
     wait_for(lambda: cluster.nodes()["node-q"]["sandboxes"] == 1, 20, "node list to count the sandbox")
 
     def console() -> dict[str, Any] | None:
-        got = ok(cluster, "sandbox", "show", sid, "--console", timeout=30)["sandbox"]
+        got = cluster.ok("sandbox", "show", sid, "--console", timeout=30)["sandbox"]
         return got if "count 3" in got.get("console", "") else None
     shown = wait_for(console, 60, "the counter on the console")
     assert shown["runtime_config"]["entrypoint"] == ["/bin/sh", "-c", COUNTER]
 
-    e = err(cluster, "template", "delete", "counter", "--force")
+    e = cluster.err("template", "delete", "counter", "--force")
     assert e["name"] == "TemplateInUse" and e["details"]["sandboxes"] == [sid], e
 
-    assert ok(cluster, "sandbox", "destroy", sid, timeout=60)["destroyed"] is True
-    wait_for(lambda: ok(cluster, "sandbox", "list")["sandboxes"] == [], 30, "record and catalog entry gone")
+    assert cluster.ok("sandbox", "destroy", sid, timeout=60)["destroyed"] is True
+    wait_for(lambda: cluster.ok("sandbox", "list")["sandboxes"] == [], 30, "record and catalog entry gone")
     wait_for(lambda: cluster.nodes()["node-q"]["sandboxes"] == 0, 20, "node list to count none")
-    assert err(cluster, "sandbox", "destroy", sid)["name"] == "SandboxNotFound"
-    assert ok(cluster, "template", "delete", "counter", "--wait", timeout=60)["job"]["status"] == "READY"
+    assert cluster.err("sandbox", "destroy", sid)["name"] == "SandboxNotFound"
+    assert cluster.ok("template", "delete", "counter", "--wait", timeout=60)["job"]["status"] == "READY"
 
     # Memory mode (DIST-9): the replica carries a memory snapshot and sandboxes restore from it.
-    doc = ok(cluster, "template", "create", "--image", ref, "--builder", "node-q", "--alias", "warm",
+    doc = cluster.ok("template", "create", "--image", ref, "--builder", "node-q", "--alias", "warm",
              "--memory-mib", "256", "--snapshot-mode", "memory", "--wait", timeout=300)
     assert doc["job"]["status"] == "READY", doc
-    reps = ok(cluster, "template", "show", "warm")["template"]["replicas"]
+    reps = cluster.ok("template", "show", "warm")["template"]["replicas"]
     assert [(r["node_id"], r["status"], r["has_memory_snapshot"]) for r in reps] == [("node-q", "READY", True)]
-    assert ok(cluster, "resolve", "warm")["restore"] == "memory"
-    warm = ok(cluster, "sandbox", "create", "--template", "warm", timeout=180)["sandbox"]
+    assert cluster.ok("resolve", "warm")["restore"] == "memory"
+    warm = cluster.ok("sandbox", "create", "--template", "warm", timeout=180)["sandbox"]
     assert (warm["state"], warm["restore"]) == ("RUNNING", "memory"), json.dumps(warm)
-    ok(cluster, "sandbox", "destroy", warm["sandbox_id"], timeout=60)
+    cluster.ok("sandbox", "destroy", warm["sandbox_id"], timeout=60)
+
+    # COMPAT-7: node-q comes back with another guest image. Before any scan looks, a create
+    # meets the agent's ReplicaIncompatible: the replica turns STALE, there is no other node to
+    # retry on, and resolve then answers TemplateStaleNeedsRedo.
+    cluster.agents["node-q"].stop()
+    cluster.start_agent("node-q", [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1",
+                                   *qemu_agent_extra(), "agent.versions.guest_image=another-guest-1"])
+    wait_for(lambda: cluster.health().get("node-q") == "READY", 60, "node-q READY again")
+    assert cluster.ok("resolve", "warm")["node"] == "node-q"  # not STALE yet: no scan ran
+    e = cluster.err("sandbox", "create", "--template", "warm")
+    assert e["name"] in ("TemplateStaleNeedsRedo", "TemplateHasNoReadyReplica"), e
+    assert "ReplicaIncompatible" in cluster.agents["node-q"].output()
+    reps = cluster.ok("template", "show", "warm")["template"]["replicas"]
+    assert [(r["node_id"], r["compat"]) for r in reps] == [("node-q", "STALE")]
+    e = cluster.err("resolve", "warm")
+    assert e["name"] == "TemplateStaleNeedsRedo" and e["details"]["nodes"] == ["node-q"], e

@@ -3,6 +3,7 @@
 versions under ``agent.versions`` overrides."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,23 @@ def test_forced_tcg_needs_no_canary(tmp_path: Path) -> None:
 
     drv = QemuDriver(cfg(tmp_path, "runtime.accel=tcg"))
     assert drv._probe_accel() == ("tcg", "runtime.accel = tcg")
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img (package qemu-utils, make deps)")
+def test_a_qcow2_overlay_survives_its_base_being_unlinked(tmp_path: Path) -> None:
+    """RT-10, RT-15: a sandbox's overlay keeps its base through a link in its own dir, so a
+    REDO or REMOVE_REPLICA that unlinks a template ext4 or a frozen disk does not break it."""
+    import subprocess
+    from agent.runtime import disks
+    base = tmp_path / "store" / "frozen.raw"
+    base.parent.mkdir()
+    base.write_bytes(b"\x5a" * (1 << 20))
+    vm = tmp_path / "sandboxes" / "sbx-1"
+    vm.mkdir(parents=True)
+    name, fmt = disks.layer("qcow2", str(base), str(vm))
+    assert (name, fmt) == ("disk.qcow2", "qcow2")
+    base.unlink()
+    out = subprocess.run(["qemu-img", "convert", "-O", "raw", str(vm / name), str(tmp_path / "seen.raw")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "seen.raw").read_bytes() == b"\x5a" * (1 << 20)
