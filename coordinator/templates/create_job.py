@@ -360,6 +360,8 @@ class CreateJob(JobType):
         (PREPARE_REPLICA). The task result, or None after recording the replica FAILED with
         ``last_error_phase`` SNAPSHOTTING."""
         rows = self.services.rows
+        if ctx.job.get("phase") != "SNAPSHOTTING":
+            await ctx.set_phase("SNAPSHOTTING")  # TPL-13: SNAPSHOTTING 80 on sandbox-capable targets
         await ctx.db(rows.replica, tpl["id"], node, status=tr.FAILED, phase="SNAPSHOTTING", cleanup_required=True,
                      artifact_id=art_id, job_id=ctx.job_id, last_error="", last_error_phase="")
         spec = spec_of(tpl)
