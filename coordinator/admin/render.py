@@ -31,3 +31,12 @@ def ago(ms: int | None) -> str:
         return f"{s / 60:.0f}m"
     return f"{s / 3600:.1f}h"
 
+
+
+def table(*columns: str):  # type: ignore[no-untyped-def]
+    """The one table shape every list command prints (CLI-2): no box, fixed column order."""
+    from rich.table import Table
+    t = Table(box=None, pad_edge=False)
+    for col in columns:
+        t.add_column(col)
+    return t

@@ -8,6 +8,7 @@ import asyncio
 
 from protocol.schema import Int, Str
 
+from ..render import table
 from ..command import Arg, Command
 from ._jobs import resolve_template, store
 
@@ -39,10 +40,7 @@ class JobList(Command):
         return {"jobs": [job_info(r) for r in rows]}
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
-        from rich.table import Table
-        t = Table(box=None, pad_edge=False)
-        for col in ("JOB", "OP", "RESOURCE", "STATUS", "PHASE", "%", "ERROR"):
-            t.add_column(col)
+        t = table("JOB", "OP", "RESOURCE", "STATUS", "PHASE", "%", "ERROR")
         for j in result["jobs"]:
             err = j.get("error") or {}
             t.add_row(j["job_id"], j["operation"], j["resource_id"], j["status"], j["phase"], str(j["progress"]),

@@ -10,7 +10,7 @@ from typing import Any
 from protocol.schema import Enum
 
 from ..command import Arg, Command
-from ..render import rfc3339
+from ..render import rfc3339, table
 from ._keys import registry
 
 STATES = ("pending", "accepted", "rejected")
@@ -29,13 +29,10 @@ class NodeKeys(Command):
         return {"keys": rows}
 
     def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
-        from rich.table import Table
         if not result["keys"]:
             console.print("no keys")
             return
-        t = Table(box=None, pad_edge=False)
-        for col in ("FINGERPRINT", "NODE", "STATE", "FIRST SEEN", "LAST SEEN", "PUBLIC KEY"):
-            t.add_column(col)
+        t = table("FINGERPRINT", "NODE", "STATE", "FIRST SEEN", "LAST SEEN", "PUBLIC KEY")
         for k in result["keys"]:
             t.add_row(k["fingerprint"], k["node_id"], k["state"], rfc3339(k["first_seen"]),
                       rfc3339(k["last_seen"]), k["public_key"])

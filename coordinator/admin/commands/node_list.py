@@ -10,7 +10,7 @@ from typing import Any
 from protocol.schema import Enum
 
 from ..command import Arg, Command
-from ..render import ago
+from ..render import ago, table
 
 HEALTH = ("WARMING", "READY", "SUSPECT", "LOST")
 ADMIN = ("ACTIVE", "CORDONED", "DRAINING")
@@ -40,10 +40,7 @@ class NodeList(Command):
                 "bad_messages": ctx.peers.totals()}
 
     def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
-        from rich.table import Table
-        t = Table(box=None, pad_edge=False)
-        for col in ("NODE", "ADDRESS", "HEALTH", "ADMIN", "STORAGE", "SANDBOXES", "LAST SEEN", "AGENT"):
-            t.add_column(col)
+        t = table("NODE", "ADDRESS", "HEALTH", "ADMIN", "STORAGE", "SANDBOXES", "LAST SEEN", "AGENT")
         for n in result["nodes"]:
             st = n["storage"]
             storage = f"{st['usage']}% {st['mode']}" if st["total"] else st["mode"]

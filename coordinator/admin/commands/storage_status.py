@@ -16,7 +16,7 @@ from typing import Any
 from protocol.schema import Bool
 
 from ..command import Arg, Command
-from ..render import rfc3339
+from ..render import rfc3339, table
 
 
 class StorageStatus(Command):
@@ -33,13 +33,10 @@ class StorageStatus(Command):
         return {"nodes": probe.rows(failed), "refreshed": bool(args["refresh"])}
 
     def render(self, result: dict[str, Any], console) -> None:  # type: ignore[no-untyped-def]
-        from rich.table import Table
         if not result["nodes"]:
             console.print("no nodes")
             return
-        t = Table(box=None, pad_edge=False)
-        for col in ("NODE", "ADDRESS", "USAGE", "MODE", "LAST ERROR", "LAST UPDATE"):
-            t.add_column(col)
+        t = table("NODE", "ADDRESS", "USAGE", "MODE", "LAST ERROR", "LAST UPDATE")
         for n in result["nodes"]:
             usage = f"{n['usage']}%" if n["total"] else "-"
             t.add_row(n["node_id"], n["address"] or "-", usage, n["mode"], n["last_error"] or "-",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ..render import table
 from ..command import Command
 from ._jobs import store
 
@@ -42,10 +43,7 @@ class TemplateList(Command):
         return {"templates": await asyncio.to_thread(_templates, store(ctx))}
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
-        from rich.table import Table
-        t = Table(box=None, pad_edge=False)
-        for col in ("TEMPLATE", "ALIAS", "STATUS", "SOURCE", "READY", "LATEST JOB"):
-            t.add_column(col)
+        t = table("TEMPLATE", "ALIAS", "STATUS", "SOURCE", "READY", "LATEST JOB")
         for x in result["templates"]:
             ref = x["image"] + (f"@{x['manifest_digest'][:19]}" if x["manifest_digest"] else "")
             t.add_row(x["template_id"], x["alias"] or "", x["status"], ref,
