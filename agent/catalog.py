@@ -42,6 +42,7 @@ TASK_KIND = "task"
 # The other entry kinds (CAT-1), named once for every module that writes or reads them.
 ARTIFACT_KIND, LAYER_KIND, REPLICA_KIND, ORPHAN_KIND = "artifact", "layer", "replica", "orphan"
 SANDBOX_KIND = "sandbox"  # agent/runtime/sandboxes.py (RT-15, CAT-1)
+SNAPSHOT_KIND = "snapshot"  # agent/runtime/snapshots.py (RT-12 to RT-14, CAT-1)
 _KIND = re.compile(r"[a-z_]{1,32}\Z")
 _ID = re.compile(r"[!-~]{1,256}\Z")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import ARTIFACT_KIND, LAYER_KIND, ORPHAN_KIND
+from .catalog import ARTIFACT_KIND, LAYER_KIND, ORPHAN_KIND, SNAPSHOT_KIND
 from .image.store import fsync_dir
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ def startup_reconcile(catalog: "Catalog", state_dir: str | Path, now_ms: int | N
             why = _check_artifact(root, entry, listed)
         elif kind == LAYER_KIND:
             why = _check_layer(root, entry, keep)
+        elif kind == SNAPSHOT_KIND:
+            why = _check_snapshot(root, entry)
         elif kind == ORPHAN_KIND:
             path = body.get("path")
             if not isinstance(path, str) or not _inside(root, path) or not os.path.lexists(root / path):
@@ -91,6 +93,25 @@ def startup_reconcile(catalog: "Catalog", state_dir: str | Path, now_ms: int | N
         report.orphans.append(rel)
         _quarantine(catalog, root, rel, found_ms)
     return report
+
+
+def _check_snapshot(root: Path, entry: "Entry") -> str | None:
+    """A sandbox snapshot (RT-12) whose files are gone or of another size cannot be rolled back to."""
+    sid, body = entry["id"], entry["body"]
+    if "/" in sid or sid.startswith("."):
+        return "its id is not a store name"
+    if body.get("removing"):
+        return "its removal was interrupted"
+    for f in body.get("files") or []:
+        name = f.get("name") if isinstance(f, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            return "its body lists an unsafe file name"
+        try:
+            if (root / "snapshots" / sid / name).stat().st_size != int(f.get("size", -1)):
+                return f"{name} has another size"
+        except FileNotFoundError:
+            return f"{name} is missing"
+    return None
 
 
 def _check_artifact(root: Path, entry: "Entry", listed: dict[str, set[str] | None]) -> str | None:

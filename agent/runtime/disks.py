@@ -80,6 +80,13 @@ def _pin_base(base: str, vm_dir: str) -> str:
 
 def freeze(disk: str, fmt: str, dest: str) -> None:
     """RT-12: a standalone read-only raw copy of what the guest sees (layers merged)."""
+    standalone(disk, fmt, dest)
+    os.chmod(dest, 0o444)
+
+
+def standalone(disk: str, fmt: str, dest: str) -> None:
+    """A raw copy of what the guest sees, needing no other file (reflink, else sparse copy;
+    a qcow2 overlay is merged with its base). RT-12 snapshots, RT-14 exports."""
     if fmt == "raw":
         clone(disk, dest)
     else:
@@ -88,4 +95,3 @@ def freeze(disk: str, fmt: str, dest: str) -> None:
         if res.returncode != 0:
             raise RuntimeFailed(f"cannot copy the disk: {res.stderr.strip()[:300]}", {"stage": "disk"})
         os.replace(dest + ".tmp", dest)
-    os.chmod(dest, 0o444)

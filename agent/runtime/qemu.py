@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from protocol.errors import ProbeTimeout, RuntimeFailed
 
@@ -285,6 +285,31 @@ class QemuDriver:
 
     # --- snapshot (RT-12, RT-13) -----------------------------------------------------------
 
+    def _paused(self, vm_id: str, what: str, steps: Callable[[Qmp, list[str]], None]) -> int:
+        """RT-12, RT-13: QMP ``stop``, run ``steps`` (which name their stage in ``stage[0]``),
+        then ``cont`` even after a failure; a failure is RuntimeFailed naming the stage. QMP
+        ``stop`` drains and flushes the block layer, so the disk is consistent once paused.
+        Returns the pause time in ms."""
+        stage = ["connect"]
+        t0 = time.monotonic()
+        try:
+            with self._qmp(vm_id) as q:
+                try:
+                    stage[0] = "stop"
+                    q.call("stop")
+                    steps(q, stage)
+                finally:
+                    pause_ms = int((time.monotonic() - t0) * 1000)
+                    try:
+                        q.call("cont")
+                    except RuntimeFailed as exc:
+                        log.warning("cont after the %s of %s failed: %s", what, vm_id, exc)
+        except RuntimeFailed as exc:
+            raise RuntimeFailed(f"{what} failed at {stage[0]}: {exc.message}", {"stage": stage[0]}) from None
+        except OSError as exc:
+            raise RuntimeFailed(f"{what} failed at {stage[0]}: {exc}", {"stage": stage[0]}) from None
+        return pause_ms
+
     def snapshot(self, vm_id: str, dest_dir: str) -> dict[str, Any]:
         """Pause, write device state + memory + frozen disk into ``dest_dir``, continue.
         Returns {files, pause_ms}. A failure still tries ``cont`` and names its stage."""
@@ -292,33 +317,20 @@ class QemuDriver:
         meta = json.loads((d / "meta.json").read_text())
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        stage = "connect"
-        t0 = time.monotonic()
-        try:
-            with self._qmp(vm_id) as q:
-                try:
-                    stage = "stop"
-                    q.call("stop")
-                    stage = "capabilities"
-                    q.call("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                    stage = "migrate"  # QEMU 7.2 has no file: URI (TOOLS §7)
-                    q.call("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state.mig'))}")
-                    q.wait_migration(float(self.rt.migrate_timeout))
-                    stage = "memory"
-                    disks.clone(meta["memory"], str(dest / "memory.img"))
-                    stage = "disk"
-                    disks.freeze(str(d / meta["disk"]), meta["format"], str(dest / "disk.raw"))
-                    shutil.copyfile(d / "config.img", dest / "config.img")
-                finally:
-                    pause_ms = int((time.monotonic() - t0) * 1000)
-                    try:
-                        q.call("cont")
-                    except RuntimeFailed as exc:
-                        log.warning("cont after the snapshot of %s failed: %s", vm_id, exc)
-        except RuntimeFailed as exc:
-            raise RuntimeFailed(f"snapshot failed at {stage}: {exc.message}", {"stage": stage}) from None
-        except OSError as exc:
-            raise RuntimeFailed(f"snapshot failed at {stage}: {exc}", {"stage": stage}) from None
+
+        def steps(q: Qmp, stage: list[str]) -> None:
+            stage[0] = "capabilities"
+            q.call("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            stage[0] = "migrate"  # QEMU 7.2 has no file: URI (TOOLS §7)
+            q.call("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state.mig'))}")
+            q.wait_migration(float(self.rt.migrate_timeout))
+            stage[0] = "memory"
+            disks.clone(meta["memory"], str(dest / "memory.img"))
+            stage[0] = "disk"
+            disks.freeze(str(d / meta["disk"]), meta["format"], str(dest / "disk.raw"))
+            shutil.copyfile(d / "config.img", dest / "config.img")
+
+        pause_ms = self._paused(vm_id, "snapshot", steps)
         smeta = {k: meta[k] for k in ("vcpus", "memory_mib", "accel", "kernel", "initramfs", "append")}
         (dest / "meta.json").write_text(json.dumps(smeta, sort_keys=True))
         files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(dest.iterdir()) if p.is_file()]
@@ -451,10 +463,33 @@ class QemuDriver:
         return existed
 
     def rollback(self, vm_id: str, snapshot_dir: str) -> VmStatus:
-        raise RuntimeFailed("sandbox rollback (RT-14) is not implemented yet", {"stage": "rollback"})
+        """RT-14: discard the VM and its writable layer, layer a new disk over the snapshot's
+        frozen one, clone its memory and restore — RT-11's path: restore's fresh dir destroys
+        the running VM first. The snapshot's files are never used in place (memory is a
+        clone, the disk a clone or an overlay over a hard link), so it may be removed later."""
+        try:
+            return self.restore(vm_id, snapshot_dir)
+        except RuntimeFailed as exc:
+            raise RuntimeFailed(f"rollback failed: {exc.message}", {**exc.details, "stage": "rollback"}) from None
+        except OSError as exc:
+            raise RuntimeFailed(f"rollback failed: {exc}", {"stage": "rollback"}) from None
 
     def export(self, vm_id: str, dest_dir: str) -> dict[str, Any]:
-        raise RuntimeFailed("sandbox export (RT-14) is not implemented yet", {"stage": "export"})
+        """RT-14 export (commit): while paused, a standalone raw ext4 of the guest-visible disk
+        as ``dest_dir/rootfs.ext4`` (layers merged), then continue. Returns {files, pause_ms}.
+        What the guest has not written back from its page cache is not in it."""
+        d = self.vm_dir(vm_id)
+        meta = json.loads((d / "meta.json").read_text())
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+
+        def steps(_q: Qmp, stage: list[str]) -> None:
+            stage[0] = "disk"
+            disks.standalone(str(d / meta["disk"]), meta["format"], str(dest / "rootfs.ext4"))
+
+        pause_ms = self._paused(vm_id, "export", steps)
+        out = dest / "rootfs.ext4"
+        return {"files": [{"name": out.name, "size": out.stat().st_size}], "pause_ms": pause_ms}
 
     # --- QMP --------------------------------------------------------------------------------
 

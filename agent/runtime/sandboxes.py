@@ -1,9 +1,10 @@
 """Sandbox and template-memory-snapshot tasks on the agent (SPEC RT-9 to RT-16, DIST-9,
 COMPAT-7, CAT-1).
 
-Tasks: CREATE_SANDBOX, DESTROY_SANDBOX, CONSOLE_SANDBOX, PREPARE_REPLICA. Each sandbox is a
-catalog entry ``sandbox``/<sandbox id> with body {template_id, state, restored, started_ms,
-exit_code, error}; a memory-mode replica is a ``replica``/<template id> entry whose files live
+Tasks: CREATE_SANDBOX, DESTROY_SANDBOX, CONSOLE_SANDBOX, PREPARE_REPLICA, and the snapshot
+tasks of agent/runtime/snapshots.py (RT-12 to RT-14), which share this service's locks. Each sandbox is a
+catalog entry ``sandbox``/<sandbox id> with body {template_id, artifact_id, state, restored,
+started_ms, exit_code, error}, plus {snapshot_id, generation, restore_ms} after a rollback; a memory-mode replica is a ``replica``/<template id> entry whose files live
 in ``<state_dir>/replicas/<template id>/``. A monitor thread moves RUNNING sandboxes whose
 QEMU ended to EXITED (the guest reported ``exited CODE``) or FAILED, and caps console logs.
 """
@@ -23,6 +24,7 @@ from protocol.errors import InvalidRequest, ReplicaIncompatible, RuntimeFailed, 
 from ..catalog import ARTIFACT_KIND, REPLICA_KIND, SANDBOX_KIND, Catalog
 from ..tasks import TaskContext
 from .driver import RuntimeDriver, VmSpec
+from .snapshots import SnapshotService
 
 log = logging.getLogger("sandboxes")
 
@@ -47,10 +49,12 @@ class SandboxService:
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self.snapshots = SnapshotService(self)
 
     def handlers(self) -> dict[str, Any]:
         return {"CREATE_SANDBOX": self.create_task, "DESTROY_SANDBOX": self.destroy_task,
-                "CONSOLE_SANDBOX": self.console_task, "PREPARE_REPLICA": self.prepare_replica_task}
+                "CONSOLE_SANDBOX": self.console_task, "PREPARE_REPLICA": self.prepare_replica_task,
+                **self.snapshots.handlers()}
 
     # --- start-up: re-attach (RT-15, RT-16, GC-14) -------------------------------------------
 
@@ -154,6 +158,7 @@ class SandboxService:
                     raise InvalidRequest(f"node has no memory snapshot of template {tpl}",
                                          {"field": "restore", "reason": "no memory snapshot"})
                 self.check_compat(tpl, replica["body"])
+                artifact = replica["body"].get("artifact_id")
                 started = _now_ms()
                 try:
                     st = self.driver.restore(sid, str(self.replica_root / tpl))
@@ -162,22 +167,25 @@ class SandboxService:
                     raise
             else:
                 spec = self._spec(sid, a)
+                artifact = a.get("artifact_id")
                 started = _now_ms()
                 try:
                     st = self.driver.create(spec, float(self.cfg.runtime.probe_timeout))
                 except BaseException:
                     self.driver.destroy(sid, 5.0)
                     raise
-            body = {"template_id": tpl, "state": st.state, "restored": st.restored, "started_ms": started,
-                    "exit_code": st.exit_code, "error": st.error or None}
+            # artifact_id: the base a later snapshot of this sandbox descends from (CAT-1).
+            body = {"template_id": tpl, "artifact_id": artifact, "state": st.state, "restored": st.restored,
+                    "started_ms": started, "exit_code": st.exit_code, "error": st.error or None}
             self._put(sid, body)
             log.info("sandbox %s of %s %s (restored %s) boot %d ms ready %d ms", sid, tpl, st.state, st.restored,
                      st.boot_ms, st.ready_ms)
             return {"sandbox_id": sid, "state": st.state, "restored": st.restored, "boot_ms": st.boot_ms,
                     "ready_ms": st.ready_ms, "exit_code": st.exit_code}
 
-    def check_compat(self, tpl: str, body: dict[str, Any]) -> None:
-        """COMPAT-7: the snapshot's pins and facts must equal the node's current ones."""
+    def check_compat(self, tpl: str, body: dict[str, Any], what: str = "template") -> None:
+        """COMPAT-7: the snapshot's pins and facts must equal the node's current ones. ``tpl``
+        names the template (replica restore) or the sandbox snapshot (``what`` = snapshot)."""
         current = self._versions()
         facts = self._facts()
         differs: dict[str, dict[str, Any]] = {}
@@ -191,6 +199,9 @@ class SandboxService:
                 differs[name] = {"pinned": pinned, "node": facts.get(name)}
         if differs:
             text = ", ".join(f"{k} {v['pinned']!r} ≠ {v['node']!r}" for k, v in differs.items())
+            if what == "snapshot":
+                raise ReplicaIncompatible(f"snapshot {tpl} does not match this node: {text}",
+                                          {"snapshot_id": tpl, "differs": differs})
             raise ReplicaIncompatible(f"memory snapshot of {tpl} does not match this node: {text}",
                                       {"template_id": tpl, "differs": differs})
 

@@ -124,3 +124,23 @@ def test_unprintable_names_get_a_hashed_id(state: Path) -> None:
     assert entry["id"] == "sha256-" + hashlib.sha256(path.encode()).hexdigest()
     assert entry["body"]["path"] == "quarantine/" + path
     assert (state / "quarantine" / path).read_bytes() == b"c"
+
+
+def test_snapshots_with_missing_or_resized_files_are_removed(state: Path) -> None:
+    """CAT-3, RT-12: a sandbox snapshot entry whose files are intact stays; one with a file gone,
+    one with a file of another size and one whose removal was interrupted are reported missing."""
+    cat = Catalog.open(str(state))
+    for sid in ("snap-" + "1" * 24, "snap-" + "2" * 24, "snap-" + "3" * 24, "snap-" + "4" * 24):
+        d = state / "snapshots" / sid
+        d.mkdir(parents=True)
+        (d / "memory.img").write_bytes(b"m" * 8)
+        (d / "state.mig").write_bytes(b"s" * 4)
+        cat.put("snapshot", sid, {"sandbox_id": "sbx-" + "0" * 24,
+                                  "files": [{"name": "memory.img", "size": 8}, {"name": "state.mig", "size": 4}]})
+    (state / "snapshots" / ("snap-" + "2" * 24) / "state.mig").unlink()
+    (state / "snapshots" / ("snap-" + "3" * 24) / "memory.img").write_bytes(b"m")
+    cat.put("snapshot", "snap-" + "4" * 24, {**cat.get("snapshot", "snap-" + "4" * 24)["body"], "removing": True})
+    report = startup_reconcile(cat, state, now_ms=5)
+    assert sorted(e["id"] for e in report.missing) == ["snap-" + "2" * 24, "snap-" + "3" * 24, "snap-" + "4" * 24]
+    assert [e["id"] for e in cat.entries("snapshot")] == ["snap-" + "1" * 24]
+    assert (state / "snapshots" / ("snap-" + "3" * 24) / "memory.img").exists()  # nothing deleted

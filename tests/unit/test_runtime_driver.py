@@ -138,3 +138,63 @@ def test_a_qcow2_overlay_survives_its_base_being_unlinked(tmp_path: Path) -> Non
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "seen.raw").read_bytes() == b"\x5a" * (1 << 20)
+
+
+class RefusingDriver:
+    """A runtime that must not be reached: the snapshot tasks' checks come first (pure logic)."""
+    name, sandbox = "stub", True
+
+    def alive(self, vm_id: str) -> bool:
+        return True
+
+    def rollback(self, vm_id: str, snapshot_dir: str) -> None:
+        raise AssertionError("rollback reached the runtime")
+
+    snapshot = rollback
+
+
+def test_rollback_and_snapshot_refusals(tmp_path: Path) -> None:
+    """RT-14, COMPAT-7, SNAP-8, SNAP-9, §1: unknown snapshot → SnapshotNotFound; another
+    origin → SnapshotSandboxMismatch; other pins → ReplicaIncompatible; an older generation
+    and malformed arguments → InvalidRequest; unknown sandbox → SandboxNotFound; a snapshot
+    of a sandbox that is not RUNNING → SandboxNotRunning; all before the runtime is touched."""
+    from protocol.errors import SandboxNotFound, SandboxNotRunning, SnapshotNotFound, SnapshotSandboxMismatch
+    svc = service(tmp_path, PINS, FACTS, driver=RefusingDriver())
+    h = svc.handlers()
+    sbx, other, snap = "sbx-" + "1" * 24, "sbx-" + "2" * 24, "snap-" + "3" * 24
+    svc.catalog.put("sandbox", sbx, {"template_id": "tpl-" + "4" * 24, "state": "RUNNING", "generation": 3,
+                                     "snapshot_id": "snap-" + "9" * 24})
+    svc.catalog.put("sandbox", other, {"template_id": "tpl-" + "4" * 24, "state": "EXITED"})
+
+    def run(op: str, **args: object) -> object:
+        return h[op](TaskContext("tsk-1", op, args, lambda _: None))
+
+    with pytest.raises(SnapshotNotFound):
+        run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id=snap, generation=4)
+    (tmp_path / "snapshots" / snap).mkdir(parents=True)
+    (tmp_path / "snapshots" / snap / "memory.img").write_bytes(b"m")
+    svc.catalog.put("snapshot", snap, {"sandbox_id": other, "pins": PINS, "facts": FACTS, "files": []})
+    with pytest.raises(SnapshotSandboxMismatch):
+        run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id=snap, generation=4)
+    svc.catalog.put("snapshot", snap, {"sandbox_id": sbx, "pins": {**PINS, "hypervisor": "8.0"}, "facts": FACTS,
+                                       "files": []})
+    with pytest.raises(ReplicaIncompatible, match="hypervisor"):
+        run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id=snap, generation=4)
+    with pytest.raises(InvalidRequest) as err:
+        run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id=snap, generation=2)
+    assert err.value.details["reason"] == "stale"
+    for bad in (0, "4", True, None):
+        with pytest.raises(InvalidRequest) as err:
+            run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id=snap, generation=bad)
+        assert err.value.details["field"] == "generation"
+    with pytest.raises(InvalidRequest) as err:
+        run("ROLLBACK_SANDBOX", sandbox_id=sbx, snapshot_id="snap-1", generation=4)
+    assert err.value.details["field"] == "snapshot_id"
+    with pytest.raises(SandboxNotFound):
+        run("ROLLBACK_SANDBOX", sandbox_id="sbx-" + "5" * 24, snapshot_id=snap, generation=4)
+    with pytest.raises(SandboxNotRunning):
+        run("SNAPSHOT_SANDBOX", sandbox_id=other, snapshot_id="snap-" + "6" * 24)
+    # CAT-8: files, then the entry; absent is success.
+    assert run("REMOVE_SNAPSHOT", snapshot_id=snap) == {"snapshot_id": snap, "removed": True}
+    assert svc.catalog.get("snapshot", snap) is None and not (tmp_path / "snapshots" / snap).exists()
+    assert run("REMOVE_SNAPSHOT", snapshot_id=snap) == {"snapshot_id": snap, "removed": False}
