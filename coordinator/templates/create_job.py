@@ -307,7 +307,11 @@ class CreateJob(JobType):
                         # match) is not asked again in this job: its copy or its wire lies.
                         or (isinstance(exc, ArtifactChecksumMismatch) and exc.details.get("source") == source)):
                     sources.remove(source)
-                if attempts[target] < self.services.max_attempts:
+                # A target that is itself unavailable (LOST, or never accepted the task) is not
+                # asked again: the dispatcher already re-sent across its sessions, and another
+                # source cannot help. Its replica fails now; `redo --failed-only` brings it back.
+                target_gone = isinstance(exc, NodeUnavailable) and exc.details.get("node") == target
+                if attempts[target] < self.services.max_attempts and not target_gone:
                     pending.append(target)
                 else:
                     await self._replica_failed(ctx, art["id"], target, msg)

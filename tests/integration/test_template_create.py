@@ -232,7 +232,9 @@ def test_target_killed_while_distributing_then_redo_failed_only_resumes(tmp_path
     resumes from its partial file (fewer bytes fetched than the file holds)."""
     import os
     # One backend is enough here: the database paths are the same as in the tests above.
-    cluster = Cluster(tmp_path, f"sqlite:///{tmp_path}/c.db", coord_extra=["task.accept_timeout=2s"])
+    # No failover grace: the coordinator does not restart here, and a grace would hold the
+    # killed target's LOST back for 30 s.
+    cluster = Cluster(tmp_path, f"sqlite:///{tmp_path}/c.db", coord_extra=["task.accept_timeout=2s"], grace="0s")
     try:
         imports = tmp_path / "import"
         imports.mkdir()

@@ -87,6 +87,7 @@ def test_delete_with_a_node_down_stays_deleting_and_a_second_delete_completes(cl
     node returns a new delete finishes."""
     imports = tmp_path / "import"
     ref = image(imports, "a.tar")
+    cluster.coord_extra.append("task.accept_timeout=2s")  # a silent node is given up on sooner
     start(cluster, imports)
     doc = create(cluster, ref, "--wait")
     tpl = doc["template_id"]
