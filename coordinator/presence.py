@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from protocol.errors import TCError
 from protocol.messages import Event
@@ -260,8 +261,6 @@ class PresenceChecker:
             tr.transition_template(s, tpl_id, tpl, status, last_error=error)
 
     def _place(self, art_id: str, node_id: str, now: int) -> None:
-        from sqlalchemy import insert
-        from sqlalchemy.exc import IntegrityError
         try:
             with self.engine.begin() as s:
                 s.execute(insert(P).values(artifact_id=art_id, node_id=node_id, verified=True, created_ms=now))

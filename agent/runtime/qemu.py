@@ -313,10 +313,7 @@ class QemuDriver:
     def snapshot(self, vm_id: str, dest_dir: str) -> dict[str, Any]:
         """Pause, write device state + memory + frozen disk into ``dest_dir``, continue.
         Returns {files, pause_ms}. A failure still tries ``cont`` and names its stage."""
-        d = self.vm_dir(vm_id)
-        meta = json.loads((d / "meta.json").read_text())
-        dest = Path(dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
+        d, meta, dest = self._copy_target(vm_id, dest_dir)
 
         def steps(q: Qmp, stage: list[str]) -> None:
             stage[0] = "capabilities"
@@ -344,6 +341,15 @@ class QemuDriver:
             return Control(path.read_text(errors="replace"))
         except FileNotFoundError:
             return Control("")
+
+    def _copy_target(self, vm_id: str, dest_dir: str) -> tuple[Path, dict[str, Any], Path]:
+        """(VM dir, its meta, the created destination) for snapshot and export: the VM must
+        exist (its meta.json is read strictly, unlike ``meta``)."""
+        d = self.vm_dir(vm_id)
+        meta = json.loads((d / "meta.json").read_text())
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        return d, meta, dest
 
     def meta(self, vm_id: str) -> dict[str, Any]:
         try:
@@ -478,10 +484,7 @@ class QemuDriver:
         """RT-14 export (commit): while paused, a standalone raw ext4 of the guest-visible disk
         as ``dest_dir/rootfs.ext4`` (layers merged), then continue. Returns {files, pause_ms}.
         What the guest has not written back from its page cache is not in it."""
-        d = self.vm_dir(vm_id)
-        meta = json.loads((d / "meta.json").read_text())
-        dest = Path(dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
+        d, meta, dest = self._copy_target(vm_id, dest_dir)
 
         def steps(_q: Qmp, stage: list[str]) -> None:
             stage[0] = "disk"
