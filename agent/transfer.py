@@ -44,49 +44,41 @@ REMOVE_ARTIFACT cleans it up). REMOVE_ARTIFACT ``{artifact_id}`` follows CAT-8: 
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import hashlib
-import itertools
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 import zmq
 
-from protocol.daemon import configure_socket
-from protocol.envelope import FrameDropped, parse
-from protocol.errors import (ArtifactChecksumMismatch, ArtifactNotFound, InsufficientStorage, InvalidRequest,
-                             NodeUnavailable, TCError, from_wire)
+from protocol.errors import ArtifactChecksumMismatch, ArtifactNotFound, InsufficientStorage, InvalidRequest
 from protocol.keys import KeyPair
-from protocol.message import Message, decode_message
-from protocol.messages import (CURVE_KEY, ENDPOINT, FILE_NAME, HEX64, NODE_ID, TOKEN, Chunk, Error, Fetch, Grant,
-                               GrantAck, Revoke, TokenGrant, U64)
+from protocol.message import Message
+from protocol.messages import (CURVE_KEY, ENDPOINT, FILE_NAME, HEX64, NODE_ID, TOKEN, Error, Grant, GrantAck, Revoke,
+                               TokenGrant, U64)
 from protocol.schema import List, SchemaError, Struct
 
-from .blobs import zero_digest, zeros
 from .catalog import ARTIFACT_KIND, Catalog
 from .config import AgentConfig
 from .grants import Grant as GrantEntry, GrantTable, short
 from .image.store import Store, check_artifact_id, fsync_dir
-from .fetchstate import POLL_SLICE, ChunkPlan, ResumeRecord, Send, TokenBroker
+from .fetchstate import ChunkPlan, ResumeRecord, Send, TokenBroker
 from .storage import check_writable
 from .tasks import TaskContext
+# The attempt on the wire and the file sink live in their own modules; ``_write_sparse`` keeps
+# its old name here for tests/unit/test_transfer_logic.py.
+from .transfer_link import FetchArgs, Link, Progress
+from .transfer_sink import FileSink, write_sparse as _write_sparse  # noqa: F401
 
 log = logging.getLogger("transfer")
 
 PARTIAL = ".partial"
 RECORD = ".progress.json"  # starts with a dot: no artifact file name can collide with it
-BLOCK = 4096               # hole granularity of the target file
-RECORD_EVERY = 1.0         # s between progress-record rewrites
-PROGRESS_EVERY = 1.0       # s between ctx.progress calls
 
 _FILE = Struct({"name": FILE_NAME, "size": U64, "sha256": HEX64})
 _SOURCE = Struct({"node": NODE_ID, "endpoint": ENDPOINT}, {"key": CURVE_KEY})
@@ -94,43 +86,6 @@ _ARGS = Struct({"files": List(_FILE, 16), "sha256": HEX64, "size": U64, "source"
 
 
 # --- the service ------------------------------------------------------------------------
-
-@dataclass
-class _Args:
-    artifact_id: str
-    files: list[dict[str, Any]]
-    sha256: str
-    size: int
-    node: str
-    endpoint: str
-    key: str
-    token: str
-
-
-class _Progress:
-    def __init__(self, ctx: TaskContext, total: int, done: int) -> None:
-        self.ctx, self.total, self.done = ctx, total, done
-        self.fetched = 0      # range bytes received and verified in this attempt
-        self.wire = 0         # data bytes that crossed the wire in this attempt
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def add(self, n: int, wire: int) -> None:
-        self.done += n
-        self.fetched += n
-        self.wire += wire
-        self.emit()
-
-    def emit(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < PROGRESS_EVERY:
-            return
-        self._last = now
-        speed = int(self.fetched / max(now - self.started, 1e-6))
-        self.ctx.progress({"phase": "FETCHING", "bytes_done": self.done, "bytes_total": self.total,
-                           "fetched_bytes": self.fetched, "speed": speed,
-                           "percent": round(100.0 * self.done / self.total, 1) if self.total else 100.0})
-
 
 class TransferService:
     """FETCH_ARTIFACT, VERIFY_ARTIFACT and REMOVE_ARTIFACT, and the session hooks for GRANT,
@@ -195,7 +150,7 @@ class TransferService:
             ctx.check()
             return self.fetch(ctx, args)
 
-    def _parse(self, raw: dict[str, Any]) -> _Args:
+    def _parse(self, raw: dict[str, Any]) -> FetchArgs:
         artifact_id = check_artifact_id(raw.get("artifact_id"))
         try:
             a = _ARGS(raw, "args")
@@ -209,9 +164,9 @@ class TransferService:
         key = src.get("key") or ""
         if self._pair is not None and not key:
             raise InvalidRequest("source.key is required with CURVE on (SEC-1)", {"field": "source.key", "reason": "required"})
-        return _Args(artifact_id, a["files"], a["sha256"], a["size"], src["node"], src["endpoint"], key, a["token"])
+        return FetchArgs(artifact_id, a["files"], a["sha256"], a["size"], src["node"], src["endpoint"], key, a["token"])
 
-    def fetch(self, ctx: TaskContext, args: _Args) -> dict[str, Any]:
+    def fetch(self, ctx: TaskContext, args: FetchArgs) -> dict[str, Any]:
         aid = args.artifact_id
         final = self.store.artifact_dir(aid)
         existing = self.catalog.get(ARTIFACT_KIND, aid)
@@ -239,10 +194,10 @@ class TransferService:
         self.catalog.put(ARTIFACT_KIND, aid, body)  # CAT-1: a partial artifact is listed as such
         if resumed:
             log.info("artifact %s: resuming with %d of %d bytes already verified", aid, resumed, total)
-        progress = _Progress(ctx, total, resumed)
+        progress = Progress(ctx, total, resumed)
         started = time.monotonic()
         try:
-            with _Link(self, args, ctx) as link:
+            with Link(self, args, ctx) as link:
                 for f in args.files:
                     self._fetch_file(link, f, partial, record, progress)
         except ArtifactChecksumMismatch:
@@ -266,14 +221,14 @@ class TransferService:
                             seconds=seconds)
 
     @staticmethod
-    def _result(args: _Args, body: dict[str, Any], *, fetched: int, wire: int, resumed: int,
+    def _result(args: FetchArgs, body: dict[str, Any], *, fetched: int, wire: int, resumed: int,
                 seconds: float) -> dict[str, Any]:
         return {"artifact_id": args.artifact_id, "sha256": body["sha256"], "size": body["size"],
                 "files": body["files"], "source": args.node, "fetched_bytes": fetched, "wire_bytes": wire,
                 "resumed_bytes": resumed, "seconds": round(seconds, 3)}
 
-    def _fetch_file(self, link: "_Link", f: dict[str, Any], partial: Path, record: ResumeRecord,
-                    progress: _Progress) -> None:
+    def _fetch_file(self, link: Link, f: dict[str, Any], partial: Path, record: ResumeRecord,
+                    progress: Progress) -> None:
         name, size = f["name"], f["size"]
         start = record.verified(name)
         fd = os.open(partial / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -284,7 +239,7 @@ class TransferService:
             os.ftruncate(fd, size)
             plan = ChunkPlan(size, start, int(self.cfg.transfer.chunk), self.cfg.transfer.window,
                              self.cfg.transfer.chunk_retries)
-            with _FileSink(fd, plan) as sink:
+            with FileSink(fd, plan) as sink:
                 link.record = record
                 link.pull(name, plan, sink, progress)
                 digest = sink.digest()
@@ -310,7 +265,7 @@ class TransferService:
             body = entry["body"]
             files = [f for f in body.get("files") or () if isinstance(f, dict)]
             total = sum(int(f.get("size", 0)) for f in files)
-            progress = _Progress(ctx, total, 0)
+            progress = Progress(ctx, total, 0)
             bad: list[str] = []
             for f in files:
                 path = self.store.artifact_dir(aid) / FILE_NAME(f.get("name"), "files.name")
@@ -347,231 +302,9 @@ class TransferService:
             return self._locks.setdefault(artifact_id, threading.Lock())
 
 
-class _Link:
-    """One DEALER to the source's blob endpoint for one FETCH_ARTIFACT attempt."""
-
-    def __init__(self, svc: TransferService, args: _Args, ctx: TaskContext) -> None:
-        self.svc, self.args, self.ctx = svc, args, ctx
-        self.token = args.token
-        self._ids = (f"f{n}" for n in itertools.count(1))
-        cfg = svc.cfg
-        self.sock: zmq.Socket[Any] = svc._zctx.socket(zmq.DEALER)
-        configure_socket(self.sock, hwm=cfg.zmq.hwm, linger=0, max_frame=cfg.codec.max_frame)
-        self.sock.setsockopt(zmq.IDENTITY, f"{cfg.node_id}/{secrets.token_hex(4)}".encode())
-        if svc._pair is not None:
-            self.sock.setsockopt(zmq.CURVE_SECRETKEY, svc._pair.secret.encode())
-            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, svc._pair.public.encode())
-            self.sock.setsockopt(zmq.CURVE_SERVERKEY, args.key.encode())
-        self.sock.connect(args.endpoint)
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fetch-check")
-
-    def __enter__(self) -> "_Link":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.sock.close(linger=0)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def pull(self, name: str, plan: ChunkPlan, sink: "_FileSink", progress: _Progress) -> None:
-        """Run the credit window until every byte of ``name`` is verified and written.
-
-        This thread only sends, receives and keeps the books; chunk digests and writes run on
-        two pool threads and the running file digest on the sink's own thread (hashlib and
-        pwrite release the GIL), so receiving, checking, writing and hashing overlap."""
-        args = self.args
-        pending: dict[str, tuple[int, str]] = {}  # msg_id -> (offset, token used)
-        checking: dict[concurrent.futures.Future[bool], tuple[int, int, int]] = {}  # -> offset, length, wire
-        last_heard = time.monotonic()
-        while not plan.done:
-            for offset, length in plan.take():
-                mid = next(self._ids)
-                pending[mid] = (offset, self.token)
-                self.sock.send_multipart(Fetch(msg_id=mid, artifact_id=args.artifact_id, file=name, offset=offset,
-                                               length=length, token=self.token).to_frames())
-            self.ctx.check()
-            for fut in [f for f in checking if f.done()]:
-                offset, length, wire = checking.pop(fut)
-                if fut.result():
-                    sink.extend(offset)
-                    progress.add(length, wire)
-                    self._maybe_save(name, plan)
-                elif not plan.bad(offset):
-                    raise ArtifactChecksumMismatch(
-                        f"chunk {name}@{offset} of {args.artifact_id} from {args.node} failed its digest "
-                        f"{plan.retries} times", {"artifact_id": args.artifact_id, "file": name,
-                                                  "offset": offset, "source": args.node})
-                else:
-                    log.info("chunk %s@%d of %s from %s failed its digest: asking again (try %d of %d)", name,
-                             offset, args.artifact_id, args.node, plan.tries(offset) + 1, plan.retries)
-            if plan.done:
-                break
-            if not self.sock.poll(1 if checking else int(POLL_SLICE * 1000)):
-                if not checking and time.monotonic() - last_heard >= self.svc._stall:
-                    raise NodeUnavailable(f"source node {args.node} ({args.endpoint}) sent nothing for "
-                                          f"{self.svc._stall:g}s", {"node": args.node})
-                continue
-            last_heard = time.monotonic()
-            msg = self._receive()
-            if msg is None:
-                continue
-            parent = msg.parent_id
-            if parent not in pending:
-                continue  # an answer to a request already given up (asked again under a new token)
-            offset, used = pending.pop(parent)
-            if isinstance(msg, Error):
-                self._refused(msg, plan, offset, used)
-                continue
-            assert isinstance(msg, Chunk)
-            length = plan.length(offset)
-            fits = msg.offset == offset and msg.file == name and msg.length == length and (
-                msg.zero or len(msg.data) == length)
-            checking[self._pool.submit(sink.check_and_write, msg, offset, length, fits)] = (
-                offset, length, len(msg.data))
-        self._save(name, plan)
-
-    _saved_at = 0.0
-    record: ResumeRecord | None = None
-
-    def _maybe_save(self, name: str, plan: ChunkPlan) -> None:
-        now = time.monotonic()
-        if now - self._saved_at >= RECORD_EVERY:
-            self._save(name, plan)
-            self._saved_at = now
-
-    def _save(self, name: str, plan: ChunkPlan) -> None:
-        if self.record is not None:
-            self.record.set(name, plan.verified)
-            self.record.save()
-
-    def _refused(self, err: Error, plan: ChunkPlan, offset: int, used: str) -> None:
-        args = self.args
-        if err.name == "TransferTokenExpired":
-            if used == self.token:  # the first refusal under this token: renew it once
-                log.info("token %s for %s expired: asking the coordinator for a new one", short(used),
-                         args.artifact_id)
-                self.token, _ = self.svc.broker.request(args.artifact_id, args.node, self.ctx.task_id,
-                                                        self.ctx.check)
-                log.info("new token %s for %s", short(self.token), args.artifact_id)
-            plan.requeue(offset)
-            return
-        exc = from_wire({"code": err.code, "name": err.name, "message": err.message, "details": err.details})
-        exc.message = f"source node {args.node} refused FETCH: {exc.message}"
-        exc.details = {**exc.details, "source": args.node}
-        raise exc
-
-    def _receive(self) -> Chunk | Error | None:
-        frames = self.sock.recv_multipart()
-        try:
-            msg = decode_message(parse(frames, router=False, limits=self.svc._limits), self.svc._limits)
-        except (FrameDropped, TCError) as exc:
-            log.warning("bad message from source %s: %s", self.args.node, exc)
-            return None
-        return msg if isinstance(msg, (Chunk, Error)) else None
-
-
-class _FileSink:
-    """Where one file's verified chunks go: written at their offset (zero blocks skipped), the
-    contiguous prefix fed in order to a running sha256 on its own thread, and dirty pages
-    written back in the background (``fdatasync`` every 64 MiB), so the final fsync is short."""
-
-    FLUSH_EVERY = 64 << 20
-    HASH_BACKLOG = 32  # chunks queued for the running digest before the receive loop waits
-
-    def __init__(self, fd: int, plan: ChunkPlan) -> None:
-        self.fd, self.plan = fd, plan
-        self.running = hashlib.sha256()
-        _hash_prefix(fd, plan.verified, self.running)
-        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fetch-digest")
-        self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fetch-flush")
-        self._hashing: collections.deque[concurrent.futures.Future[None]] = collections.deque()
-        self._flushing: concurrent.futures.Future[None] | None = None
-        self._written = 0
-        self._lock = threading.Lock()
-        self._data: dict[int, bytes | None] = {}
-
-    def __enter__(self) -> "_FileSink":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._hasher.shutdown(wait=True, cancel_futures=True)
-        self._flusher.shutdown(wait=True, cancel_futures=True)
-
-    def check_and_write(self, msg: Chunk, offset: int, length: int, fits: bool) -> bool:
-        """In a pool thread: the chunk's digest, then its bytes at ``offset``; False if it is bad."""
-        if not fits:
-            return False
-        if msg.zero:
-            ok = msg.sha256 == zero_digest(length)
-        else:
-            ok = hashlib.sha256(msg.data).hexdigest() == msg.sha256
-        if not ok:
-            return False
-        if not msg.zero:
-            _write_sparse(self.fd, offset, msg.data)
-        with self._lock:
-            self._data[offset] = None if msg.zero else msg.data
-            self._written += length
-            flush = self._written >= self.FLUSH_EVERY and (self._flushing is None or self._flushing.done())
-            if flush:
-                self._written = 0
-                self._flushing = self._flusher.submit(os.fdatasync, self.fd)
-        return True
-
-    def extend(self, offset: int) -> None:
-        """In the receive thread, once ``offset`` is verified and written: grow the prefix."""
-        with self._lock:
-            data = self._data.pop(offset)
-        for off, piece in self.plan.good(offset, data):
-            chunk = piece if piece is not None else zeros(self.plan.length(off))
-            self._hashing.append(self._hasher.submit(self.running.update, chunk))
-        while self._hashing and (self._hashing[0].done() or len(self._hashing) > self.HASH_BACKLOG):
-            self._hashing.popleft().result()
-
-    def digest(self) -> str:
-        while self._hashing:
-            self._hashing.popleft().result()
-        if self._flushing is not None:
-            self._flushing.result()
-        return self.running.hexdigest()
-
-
 # --- file helpers ---------------------------------------------------------------------
 
-def _write_sparse(fd: int, offset: int, data: bytes) -> None:
-    """Write ``data`` at ``offset``, skipping 4 KiB-aligned blocks of zeros (they stay holes)."""
-    zero = zeros(BLOCK)
-    if data.find(zero) < 0:  # the common case for dense data: one write
-        os.pwrite(fd, data, offset)
-        return
-    view = memoryview(data)
-    n = len(data)
-    run_start = -1
-    # Block boundaries are relative to the file, so holes line up with the file system's blocks.
-    first = (-offset) % BLOCK
-    edges = [0, *range(first or BLOCK, n, BLOCK), n] if first else [*range(0, n, BLOCK), n]
-    for lo, hi in zip(edges, edges[1:]):
-        is_zero = hi - lo == BLOCK and data[lo:hi] == zero
-        if is_zero:
-            if run_start >= 0:
-                os.pwrite(fd, view[run_start:lo], offset + run_start)
-                run_start = -1
-        elif run_start < 0:
-            run_start = lo
-    if run_start >= 0:
-        os.pwrite(fd, view[run_start:n], offset + run_start)
-
-
-def _hash_prefix(fd: int, length: int, h: "hashlib._Hash") -> None:
-    pos = 0
-    while pos < length:
-        data = os.pread(fd, min(1 << 20, length - pos), pos)
-        if not data:
-            raise OSError(5, "partial file shorter than its record")
-        h.update(data)
-        pos += len(data)
-
-
-def _hash_file(path: Path, ctx: TaskContext, progress: _Progress) -> str:
+def _hash_file(path: Path, ctx: TaskContext, progress: Progress) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb", buffering=0) as fh:

@@ -28,26 +28,23 @@ header is only ever sent to the registry's own scheme/host/port.
 Secrets: credentials live in a ``model.Credentials`` (redacted repr) and in prepared header
 values inside the client; they never go into log lines, exception messages/details, reprs or
 results.
+
+The auth half is agent/image/registry_auth.py, the retry budget agent/image/registry_retry.py.
 """
 from __future__ import annotations
 
-import base64
-import email.utils
 import hashlib
 import io
 import logging
-import re
 import time
 from collections.abc import Callable
-from datetime import UTC
 from typing import BinaryIO, Self
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 
 from protocol.config import ImageConfig
 from protocol.errors import (
-    ImageAuthFailed,
     ImageDigestMismatch,
     ImageInvalid,
     ImageNotFound,
@@ -58,6 +55,9 @@ from . import manifest as mf
 from . import model
 from .model import Credentials, Descriptor, Platform, ResolvedImage
 from .reference import Reference
+# Auth and the retry budget live in their own modules; their public names stay importable here.
+from .registry_auth import RegistryAuth, parse_challenge
+from .registry_retry import MAX_RETRY_AFTER, Budget, Retry, error_codes, parse_retry_after
 
 __all__ = [
     "CHUNK",
@@ -72,68 +72,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-MAX_RETRY_AFTER = 60.0
 MAX_REDIRECTS = 5
-MAX_TOKEN_BYTES = 1 << 20
 _NOT_FOUND_CODES = {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN", "NOT_FOUND"}
 _AUTH_CODES = {"UNAUTHORIZED", "DENIED"}
-_PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*,?')
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``WWW-Authenticate`` -> (scheme lowercased, params). Unknown/garbled -> ("", {})."""
-    header = header.strip()
-    scheme, _, rest = header.partition(" ")
-    params: dict[str, str] = {}
-    pos = 0
-    while pos < len(rest):
-        m = _PARAM.match(rest, pos)
-        if not m or m.end() == pos:
-            break
-        value = m.group(2) if m.group(2) is not None else m.group(3)
-        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value or "")
-        pos = m.end()
-    return scheme.lower(), params
-
-
-def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Retry-After in seconds (delta or HTTP date), clamped to [0, MAX_RETRY_AFTER]."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(int(value))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now()
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
-
-
-def _error_codes(resp: httpx.Response) -> set[str]:
-    try:
-        body = resp.json()
-    except Exception:  # noqa: BLE001 - any garbage body just has no codes
-        return set()
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if not isinstance(errors, list):
-        return set()
-    return {e["code"] for e in errors if isinstance(e, dict) and isinstance(e.get("code"), str)}
-
-
-class _Retry(Exception):
-    """Internal: a transient fault worth another attempt."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 class _Mismatch(Exception):
@@ -143,29 +84,7 @@ class _Mismatch(Exception):
         self.size = size
 
 
-class _Budget:
-    """Transient failures allowed for one operation (IMG-8: ``retries`` retries)."""
-
-    def __init__(self, client: RegistryClient) -> None:
-        self.client = client
-        self.failures = 0
-
-    def fail(self, exc: _Retry) -> None:
-        self.failures += 1
-        c = self.client
-        if self.failures > c.retries:
-            raise ImageRegistryUnavailable(
-                f"registry {c.host} unavailable after {self.failures} attempts: {exc.reason}",
-                {"registry": c.host, "attempts": self.failures, "last": exc.reason})
-        base, cap = c.backoff
-        delay = min(cap, base * (2 ** (self.failures - 1)))
-        if exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
-        log.warning("registry %s: %s; retry %d/%d in %.1fs", c.host, exc.reason, self.failures, c.retries, delay)
-        c._sleep(delay)
-
-
-class RegistryClient:
+class RegistryClient(RegistryAuth):
     """Registry v2 client for one host (see the module docstring)."""
 
     def __init__(self, host: str, *, insecure: bool = False, credentials: Credentials | None = None,
@@ -177,13 +96,7 @@ class RegistryClient:
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self._sleep = sleep
-        self._creds = credentials
-        self._basic_header = None
-        if credentials is not None:
-            raw = f"{credentials.username}:{credentials.password}".encode()
-            self._basic_header = "Basic " + base64.b64encode(raw).decode()
-        self._use_basic = False
-        self._tokens: dict[str, str] = {}
+        self._init_auth(credentials)
         kwargs = {"transport": transport} if transport is not None else {}
         self._http = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, **kwargs)
         self._origin = self._origin_of(self.base)
@@ -194,73 +107,9 @@ class RegistryClient:
     def close(self) -> None:
         self._http.close()
 
-    # --- auth --------------------------------------------------------------------------
-
-    @staticmethod
-    def _origin_of(url: str) -> tuple[str, str, int | None]:
-        u = httpx.URL(url)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        return (u.scheme, u.host, port)
-
-    def _auth_header(self, scope: str) -> str | None:
-        token = self._tokens.get(scope)
-        if token is not None:
-            return f"Bearer {token}"
-        if self._use_basic:
-            return self._basic_header
-        return None
-
-    def _authenticate(self, resp: httpx.Response, scope: str, budget: _Budget) -> None:
-        challenges = resp.headers.get_list("www-authenticate")
-        parsed = [parse_challenge(c) for c in challenges]
-        bearer = next((p for s, p in parsed if s == "bearer"), None)
-        if bearer is not None:
-            self._tokens[scope] = self._fetch_token(bearer, scope, budget)
-            return
-        if any(s == "basic" for s, _ in parsed):
-            if self._basic_header is None:
-                raise self._auth_failed("requires credentials")
-            self._use_basic = True
-            return
-        raise self._auth_failed("sent an unsupported authentication challenge")
-
-    def _fetch_token(self, params: dict[str, str], scope: str, budget: _Budget) -> str:
-        realm = params.get("realm", "")
-        if urlsplit(realm).scheme not in ("http", "https"):
-            raise self._auth_failed("sent a token realm that is not an http(s) URL")
-        query = {"service": params["service"]} if params.get("service") else {}
-        query["scope"] = params.get("scope") or scope
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        headers = {"Authorization": self._basic_header} if self._basic_header else {}
-        while True:
-            try:
-                resp = self._http.get(url, headers=headers)
-            except httpx.TransportError as exc:
-                budget.fail(_Retry(f"token request failed: {type(exc).__name__}"))
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                budget.fail(_Retry(f"token endpoint status {resp.status_code}",
-                                   parse_retry_after(resp.headers.get("retry-after"))))
-                continue
-            if resp.status_code in (401, 403):
-                raise self._auth_failed("refused the credentials" if self._basic_header else "requires credentials")
-            if resp.status_code != 200 or len(resp.content) > MAX_TOKEN_BYTES:
-                raise self._auth_failed(f"token endpoint answered status {resp.status_code}")
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
-            if not isinstance(token, str) or not token:
-                raise self._auth_failed("token endpoint returned no token")
-            return token
-
-    def _auth_failed(self, what: str) -> ImageAuthFailed:
-        return ImageAuthFailed(f"registry {self.host} {what}", {"registry": self.host})
-
     # --- requests ----------------------------------------------------------------------
 
-    def _send(self, url: str, repo: str, accept: str | None, budget: _Budget, *, stream: bool) -> httpx.Response:
+    def _send(self, url: str, repo: str, accept: str | None, budget: Budget, *, stream: bool) -> httpx.Response:
         """GET ``url`` with auth, redirects and retries; the response is 200 (streamed if asked;
         the caller closes it). Errors become TCErrors."""
         scope = f"repository:{repo}:pull"
@@ -269,7 +118,7 @@ class RegistryClient:
             try:
                 resp = self._get_following(url, scope, accept, stream)
             except httpx.TransportError as exc:
-                budget.fail(_Retry(f"{type(exc).__name__}"))
+                budget.fail(Retry(f"{type(exc).__name__}"))
                 continue
             status = resp.status_code
             if status == 200:
@@ -290,13 +139,13 @@ class RegistryClient:
                 continue
             if status == 403:
                 raise self._auth_failed("denied access" if self._creds else "requires credentials")
-            if status == 404 or _error_codes(resp) & _NOT_FOUND_CODES:
+            if status == 404 or error_codes(resp) & _NOT_FOUND_CODES:
                 raise ImageNotFound(f"not found on registry {self.host}: {repo}", {"registry": self.host,
                                                                                     "repository": repo})
             if status == 429 or status >= 500:
-                budget.fail(_Retry(f"status {status}", parse_retry_after(resp.headers.get("retry-after"))))
+                budget.fail(Retry(f"status {status}", parse_retry_after(resp.headers.get("retry-after"))))
                 continue
-            if _error_codes(resp) & _AUTH_CODES:
+            if error_codes(resp) & _AUTH_CODES:
                 raise self._auth_failed("denied access")
             raise ImageRegistryUnavailable(f"registry {self.host} answered status {status}",
                                            {"registry": self.host, "status": status})
@@ -324,7 +173,7 @@ class RegistryClient:
         mismatch, then ImageDigestMismatch."""
         by_digest = ref.startswith("sha256:")
         url = f"{self.base}/v2/{repo}/manifests/{ref}"
-        budget = _Budget(self)
+        budget = Budget(self)
         for attempt in (1, 2):
             resp = self._send(url, repo, model.MANIFEST_ACCEPT, budget, stream=True)
             try:
@@ -344,7 +193,7 @@ class RegistryClient:
             log.warning("registry %s: manifest %s digest mismatch, fetching again", self.host, ref)
         raise AssertionError("unreachable")
 
-    def _read_capped(self, resp: httpx.Response, cap: int, budget: _Budget) -> bytes | None:
+    def _read_capped(self, resp: httpx.Response, cap: int, budget: Budget) -> bytes | None:
         buf = bytearray()
         try:
             for chunk in resp.iter_bytes(CHUNK):
@@ -352,7 +201,7 @@ class RegistryClient:
                 if len(buf) > cap:
                     raise ImageInvalid(f"manifest from {self.host} is larger than {cap} bytes")
         except httpx.TransportError as exc:
-            budget.fail(_Retry(f"{type(exc).__name__} while reading"))
+            budget.fail(Retry(f"{type(exc).__name__} while reading"))
             return None
         return bytes(buf)
 
@@ -364,7 +213,7 @@ class RegistryClient:
         model.check_digest(desc.digest)
         url = f"{self.base}/v2/{repo}/blobs/{desc.digest}"
         start = out.tell()
-        budget = _Budget(self)
+        budget = Budget(self)
         mismatches = 0
         while True:
             out.seek(start)
@@ -373,7 +222,7 @@ class RegistryClient:
             try:
                 self._stream(resp, desc, out, progress)
                 return
-            except _Retry as exc:
+            except Retry as exc:
                 budget.fail(exc)
             except _Mismatch as exc:
                 mismatches += 1
@@ -411,7 +260,7 @@ class RegistryClient:
                 if progress is not None:
                     progress(written)
         except httpx.TransportError as exc:
-            raise _Retry(f"{type(exc).__name__} while reading blob") from None
+            raise Retry(f"{type(exc).__name__} while reading blob") from None
         actual = "sha256:" + h.hexdigest()
         if actual != desc.digest or written != desc.size:
             raise _Mismatch(actual, written)
