@@ -43,6 +43,7 @@ from . import facts as host
 from .backoff import Backoff
 from .catalog import Catalog, CatalogFeed
 from .config import AgentConfig
+from .runtime_refs import RefsReport
 from .tasks import TaskRunner
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class _Live:
     # Snapshot pages and deltas must not interleave: the feed's cursor moves with what was sent.
     catalog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     lost_logged: bool = False
+    refs_sent: str = ""     # digest of the last RUNTIME_REFS sent ("" = none: the empty report)
 
 
 class MsgIds:
@@ -132,6 +134,7 @@ class Session:
         self._ctx = ctx
         self._catalog = catalog
         self._feed = CatalogFeed(catalog)
+        self._refs = RefsReport(catalog)  # runtime refs from sandbox entries (SNAP-19)
         self._changed: asyncio.Event | None = None  # set (thread-safe) after each catalog change
         self._versions = versions
         self._info = info
@@ -413,11 +416,14 @@ class Session:
             if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
                                                versions=versions, digest=digest)):
                 live.versions_digest = digest
+        refs, refs_digest = self._refs.current()
+        if refs_digest != live.refs_sent:  # WIRE-9: the full report only when it changed
+            await self._send_refs(sock, live, refs, refs_digest)
         ident = self._catalog.identity()
         live.beat_seq += 1
         beat = Heartbeat(msg_id=self._ids.next(), session_id=live.session_id, seq=live.beat_seq,
                          catalog_seq=ident.seq, catalog_digest=ident.digest, versions_digest=digest,
-                         refs_digest="", storage=host.storage(self._cfg.agent.state_dir),
+                         refs_digest=refs_digest, storage=host.storage(self._cfg.agent.state_dir),
                          mem_free=host.mem_free(), sandboxes=self._info.sandboxes())
         if await self._send(sock, beat):
             self.counters["heartbeat"] += 1
@@ -438,9 +444,15 @@ class Session:
                 if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
                                                    versions=versions, digest=digest)):
                     live.versions_digest = digest
-            elif want == "refs":  # no sandboxes, so no runtime refs yet (SNAP-19 comes later)
-                await self._send(sock, RuntimeRefs(msg_id=self._ids.next(), session_id=live.session_id,
-                                                   refs=[], digest=""))
+            elif want == "refs":  # the complete report, asked for (SNAP-19, SNAP-20)
+                await self._send_refs(sock, live, *self._refs.current())
+
+    async def _send_refs(self, sock: zmq.asyncio.Socket, live: _Live, refs: list[dict[str, Any]],
+                         digest: str) -> None:
+        if await self._send(sock, RuntimeRefs(msg_id=self._ids.next(), session_id=live.session_id,
+                                              refs=refs, digest=digest)):
+            live.refs_sent = digest
+            self.counters["runtime_refs"] += 1
 
     async def _send_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
         """CAT-5: pages of ≤ page_size entries, all tagged with the snapshot's (epoch, seq);

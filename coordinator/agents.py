@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 import zmq.asyncio
 
 from protocol import codec
+from protocol.canonical import digest
 from protocol.errors import MalformedMessage, Unauthorized, UnsupportedMessage
 from protocol.message import Message
 from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, GrantAck, Heartbeat, HeartbeatAck, Hello,
                                RuntimeRefs, TaskAccepted, TaskProgress, TaskResult, TokenRequest, Versions)
 
 from .grants import Grants
+from .health import Health
 from .keys import KeyRegistry
 from .mirror import CatalogMirrors
 from .nodes import NodeRegistry
 from protocol.peers import PeerTable
 from .router import RouterEndpoint
+from .snapshots import refs as runtime_refs
 from .tasks import TaskDispatcher
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ class AgentEndpoint(RouterEndpoint):
         self.keys = keys  # None without CURVE (loopback tests): identities are trusted as given
         self.tasks: TaskDispatcher | None = None  # set by the server (WIRE-12)
         self.grants: Grants | None = None        # set by the server (DIST-4, DIST-5)
+        # Set by the server: the tombstone finaliser for snapshots whose refs a report released (SNAP-14).
+        self.on_refs_released: Callable[[list[str]], Awaitable[None]] | None = None
 
     async def _hello(self, msg: Hello, key: str | None) -> Message:
         if self.keys is not None:
@@ -51,6 +57,32 @@ class AgentEndpoint(RouterEndpoint):
             # After the WELCOME reply is out (this coroutine's caller sends it first): WIRE-11.
             asyncio.get_running_loop().call_soon(self.tasks.on_session, msg.node_id)
         return welcome
+
+    async def _runtime_refs(self, node_id: str, msg: RuntimeRefs) -> None:
+        """WIRE-9, SNAP-19, SNAP-20: apply a complete ref report, in a worker thread, from a
+        READY node only; the released snapshots go to the tombstone finaliser (SNAP-14)."""
+        n = self.reg.get(node_id)
+        try:
+            # No refs digest to "" (as the agent sends); 100,000 refs take a while, so off the loop.
+            if msg.digest != (await asyncio.to_thread(digest, msg.refs) if msg.refs else ""):
+                raise MalformedMessage("RUNTIME_REFS digest does not match its refs", {"field": "digest"})
+            async with n.lock:
+                if self.reg.health(n) is not Health.READY:
+                    log.info("node %s: runtime refs from a %s node not applied", node_id, self.reg.health(n))
+                    return
+                released = await asyncio.to_thread(runtime_refs.apply_report, self.reg.engine, node_id, msg.refs,
+                                                   int(self.reg.clock() * 1000))
+                n.refs_digest = msg.digest
+        finally:
+            if n.refs_pending == msg.digest:
+                n.refs_pending = None
+        log.info("node %s: %d runtime ref(s) reported%s", node_id, len(msg.refs),
+                 f", released on {', '.join(released)}" if released else "")
+        if released and self.on_refs_released is not None:
+            try:
+                await self.on_refs_released(released)
+            except Exception:  # noqa: BLE001 — the finaliser's trouble is not the agent's
+                log.exception("node %s: tombstone finaliser after a ref report failed", node_id)
 
     def on_message(self, ident: bytes, msg: Message, key: str | None) -> None:
         node_id = ident.decode("ascii", "replace")
@@ -76,7 +108,9 @@ class AgentEndpoint(RouterEndpoint):
         elif isinstance(msg, CatalogDelta):
             self.spawn(ident, msg.msg_id, self.mirrors.delta(node_id, msg))
         elif isinstance(msg, RuntimeRefs):
-            self.reg.session(node_id, msg.session_id)  # runtime refs arrive with the snapshot issue
+            # Pending at once: the heartbeat right behind this report must not ask for it again.
+            self.reg.session(node_id, msg.session_id).refs_pending = msg.digest
+            self.spawn(ident, msg.msg_id, self._runtime_refs(node_id, msg))
         elif isinstance(msg, (TaskAccepted, TaskProgress, TaskResult)):
             self.reg.touch(node_id)
             if self.tasks is not None:

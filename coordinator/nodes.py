@@ -57,6 +57,11 @@ class LiveNode:
     storage_at: float | None = None
     mem_free: int | None = None
     sandboxes: int = 0
+    # Runtime refs (WIRE-8, WIRE-9, SNAP-19): the digest of the last report applied (None: none
+    # yet in this process, so ask once), and of one received but not applied yet (so a beat
+    # right behind it does not ask for it again).
+    refs_digest: str | None = None
+    refs_pending: str | None = None
     health: Health = Health.SUSPECT  # last value the lease loop published; views re-derive
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -196,6 +201,8 @@ class NodeRegistry:
         wants: list[str] = []
         if msg.versions_digest != n.versions_digest:
             wants.append("versions")
+        if msg.refs_digest not in (n.refs_digest, n.refs_pending) and n.mirror_complete:
+            wants.append("refs")  # reports count only from READY nodes (SNAP-19)
         reported = (msg.catalog_seq, msg.catalog_digest)
         n.reported_catalog = reported
         h = self.interval()

@@ -1,6 +1,7 @@
 """Sandbox records and their lifecycle on the coordinator side (RT-17 to RT-19, COMPAT-7, TPL-26).
 
-``create``: the source is checked (a template or alias; snapshot sources come with issue 8),
+``create``: the source is checked (a template or alias, or a READY snapshot, which pins the
+sandbox to the snapshot's node and gives it an ACTIVE runtime ref, SNAP-18),
 an explicit node must be placeable (NodeNotEligible), sandbox-capable (SandboxUnsupported) and
 writable (SNAP-16), and the node comes from the resolve index (RES-2). The record is written
 CREATING before the agent gets CREATE_SANDBOX, under a task id derived from the sandbox id,
@@ -182,34 +183,65 @@ class Sandboxes:
         self.tasks = tasks
         self.publish = publish
         self.schedule_scan = schedule_scan
+        self.snapshots: Any = None  # SnapshotOps: snapshot sources, refs on destroy (SNAP-8, SNAP-19)
 
     # --- create (RT-17) ---------------------------------------------------------------------
 
     async def create(self, *, request_id: str, template: str | None = None, snapshot: str | None = None,
                      node: str | None = None, name: str = "", wait_ready: bool = False) -> dict[str, Any]:
-        if snapshot:
-            if template:
-                raise InvalidRequest("give either --template or --snapshot, not both",
-                                     {"field": "snapshot", "reason": "conflict"})
-            if not ids.valid("snapshot", snapshot):
-                raise InvalidRequest(f"snapshot id {snapshot!r} is malformed", {"field": "snapshot", "reason": "format"})
-            raise SnapshotNotFound(f"snapshot {snapshot} not found", {"snapshot": snapshot})  # none exist yet (issue 8)
-        if not template:
+        if snapshot and template:
+            raise InvalidRequest("give either --template or --snapshot, not both",
+                                 {"field": "snapshot", "reason": "conflict"})
+        if not template and not snapshot:
             raise InvalidRequest("sandbox create needs --template or --snapshot", {"field": "template",
                                                                                   "reason": "required"})
-        payload = {"template": template, "node": node, "name": name, "wait_ready": wait_ready}
+        source = {"snapshot": snapshot} if snapshot else {"template": template}
+        payload = {**source, "node": node, "name": name, "wait_ready": wait_ready}
         want = digest(payload)
         existing = await asyncio.to_thread(record_by_request, self.engine, request_id)
         if existing is None:
-            existing, mine = await self._new(request_id, want, template, node, name, wait_ready)
+            if snapshot:
+                existing, mine = await self._new_from_snapshot(request_id, want, snapshot, node, name)
+            else:
+                existing, mine = await self._new(request_id, want, str(template), node, name, wait_ready)
             if mine:
-                return await self._drive(existing, explicit=node is not None)
+                return await self._drive(existing, explicit=node is not None or bool(snapshot))
         if existing["request_digest"] != want:
             raise TemplateAttemptInProgress(f"request_id {request_id} already used with a different payload",
                                             {"request_id": request_id, "sandbox_id": existing["id"]})
         if existing["state"] == "CREATING":  # the first caller is waiting, or it went away: same task
-            return await self._drive(existing, explicit=node is not None)
+            return await self._drive(existing, explicit=node is not None or existing["source_kind"] == "snapshot")
         return view(existing, None)
+
+    async def _new_from_snapshot(self, request_id: str, want: str, snapshot: str, node: str | None,
+                                 name: str) -> tuple[dict[str, Any], bool]:
+        """A sandbox restored from a READY snapshot on the snapshot's node, the only one holding
+        its files (SNAP-8, SNAP-12: a tombstone is SnapshotNotFound)."""
+        if self.snapshots is None:
+            raise SnapshotNotFound(f"snapshot {snapshot} not found", {"snapshot": snapshot})
+        snap = await asyncio.to_thread(self.snapshots.source, snapshot)
+        origin = snap["node_id"]
+        if node is not None and node != origin:
+            raise NodeNotEligible(f"snapshot {snapshot} lives on node {origin}, not {node}",
+                                  {"nodes": [{"node": node, "reason": f"snapshot is on {origin}"}]})
+        e = self._check_node(origin)
+        check_writable(origin, e.usage, e.storage_mode, "sandbox creates")
+        sizes = snap["sizes"] or {}
+        now = _now_ms()
+        rec = {"id": ids.new_id("sbx"), "request_id": request_id, "request_digest": want, "name": name,
+               "source_kind": "snapshot", "source_id": snap["id"], "template_id": snap["template_id"],
+               "node_id": origin, "runtime_config": snap["runtime_config"] or {},
+               "spec": {"artifact_id": snap["base_artifact_id"], "probe": "started", "snapshot_id": snap["id"],
+                        "try": 0},
+               "vcpus": int(sizes.get("vcpus") or 1), "memory_mib": int(sizes.get("memory_mib") or 512),
+               "restore": "snapshot", "state": "CREATING", "exit_code": None, "last_error": "",
+               "created_ms": now, "updated_ms": now}
+        if await asyncio.to_thread(insert_record, self.engine, rec):  # written before any task (RT-19)
+            return rec, True
+        other = await asyncio.to_thread(record_by_request, self.engine, request_id)
+        if other is None:
+            raise TCError(f"sandbox request {request_id} could not be recorded", {"request_id": request_id})
+        return other, False
 
     async def _new(self, request_id: str, want: str, template: str, node: str | None, name: str,
                    wait_ready: bool) -> tuple[dict[str, Any], bool]:
@@ -269,9 +301,12 @@ class Sandboxes:
     def _args(self, rec: dict[str, Any]) -> dict[str, Any]:
         """CREATE_SANDBOX's arguments (the agent contract)."""
         spec = rec["spec"]
-        return {"sandbox_id": rec["id"], "template_id": rec["template_id"], "artifact_id": spec.get("artifact_id"),
+        args = {"sandbox_id": rec["id"], "template_id": rec["template_id"], "artifact_id": spec.get("artifact_id"),
                 "runtime_config": rec["runtime_config"], "vcpus": rec["vcpus"], "memory_mib": rec["memory_mib"],
                 "probe": spec.get("probe", "started"), "restore": rec["restore"]}
+        if spec.get("snapshot_id"):
+            args["snapshot_id"] = spec["snapshot_id"]
+        return args
 
     async def _drive(self, rec: dict[str, Any], *, explicit: bool) -> dict[str, Any]:
         """Send CREATE_SANDBOX (again: same task id, so the agent answers from its record) and
@@ -306,14 +341,23 @@ class Sandboxes:
                 await self._failed(rec, exc)
                 raise
             state = result.get("state") if result.get("state") in ("RUNNING", "EXITED") else "RUNNING"
-            rec.update(state=state, restore="memory" if result.get("restored") else "cold",
-                       exit_code=result.get("exit_code"))
+            restore = rec["restore"] if rec["source_kind"] == "snapshot" else (
+                "memory" if result.get("restored") else "cold")
+            rec.update(state=state, restore=restore, exit_code=result.get("exit_code"))
+            if rec["source_kind"] == "snapshot":  # SNAP-18: the sandbox now holds the snapshot
+                await asyncio.to_thread(self._acquire_ref, rec)
             await asyncio.to_thread(update_record, self.engine, rec["id"], state=state, restore=rec["restore"],
                                     exit_code=rec["exit_code"], last_error="")
             out = view(rec, None)
             out.update({k: result.get(k) for k in ("boot_ms", "ready_ms", "restored")})
             out["address"] = getattr(self.registry.nodes.get(node), "address", "")
             return out
+
+    def _acquire_ref(self, rec: dict[str, Any]) -> None:
+        from .snapshots import refs
+        with self.engine.begin() as c:
+            refs.acquire(c, snapshot_id=rec["source_id"], sandbox_id=rec["id"], node_id=rec["node_id"],
+                         generation=0, now_ms=_now_ms())
 
     async def _refused(self, rec: dict[str, Any], node: str, exc: TCError) -> None:
         """COMPAT-7: the replica turns STALE (database, then the index via the event) and the
@@ -372,6 +416,7 @@ class Sandboxes:
         node = rec["node_id"] if rec else live[0]  # type: ignore[index]
         if node not in self.registry.nodes:  # removed node (NODE-14): nothing left to ask
             await asyncio.to_thread(delete_record, self.engine, sandbox_id)
+            await self._gone(sandbox_id)
             return {"sandbox_id": sandbox_id, "node_id": node, "destroyed": True}
         if rec is not None:
             await asyncio.to_thread(update_record, self.engine, sandbox_id, state="DESTROYING")
@@ -385,5 +430,11 @@ class Sandboxes:
                                         last_error=f"destroy: {exc.name}: {exc.message}"[:4000])
             raise
         await asyncio.to_thread(delete_record, self.engine, sandbox_id)
+        await self._gone(sandbox_id)
         return {"sandbox_id": sandbox_id, "node_id": node, "destroyed": bool(got.get("destroyed", True))}
+
+    async def _gone(self, sandbox_id: str) -> None:
+        """SNAP-19: its ACTIVE refs are released and the tombstone finaliser runs."""
+        if self.snapshots is not None:
+            await self.snapshots.sandbox_gone(sandbox_id)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -31,12 +31,16 @@ from .storage import StorageProbe
 from .presence import PresenceChecker
 from .resolve import RegistryNodes, ResolveIndex
 from .sandboxes import Sandboxes
+from .snapshots.refs_reconcile import run_refs_reconciler
 from protocol.peers import PeerTable
 from .security import CurveServer
 from .grants import Grants
 from .jobs.runner import JobRunner
 from .jobs.store import JobStore
 from .tasks import TaskDispatcher
+from .snapshots import jobs as snapshot_jobs
+from .snapshots.service import SnapshotOps
+from .templates.commit_job import bind_commit
 from .templates.create_job import CreateJob, Services, bind
 from .templates.delete_job import DeleteJob
 from .templates.redo_job import RedoJob
@@ -71,6 +75,9 @@ class Coordinator:
         self.sockets: list[zmq.Socket] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.bound: dict[str, str] = {}
+        # The tombstone finaliser (SNAP-14), set by whoever owns it: called with the snapshot ids
+        # whose runtime refs were released by a node's report or the reconciler (SNAP-19 to SNAP-21).
+        self.on_refs_released: Callable[[list[str]], Awaitable[None]] | None = None
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         s = self.zctx.socket(kind)
@@ -122,6 +129,7 @@ class Coordinator:
         self.agents.tasks = self.dispatcher
         self.grants = Grants(self.agents.reply, self.keys, ttl_s=float(cfg.transfer.token_ttl))
         self.agents.grants = self.grants
+        self.agents.on_refs_released = self._refs_released
         # Templates and jobs (issue 5): the store, the template services and the step runner.
         self.jobs = JobStore(self.engine, progress_flush=float(cfg.job.progress_flush))
         st = cfg.storage
@@ -134,7 +142,14 @@ class Coordinator:
                                 crash_after_step=cfg.job.test_crash_after_step,
                                 types=[bind(CreateJob, self.template_services),
                                        bind(DeleteJob, self.template_services),
-                                       bind(RedoJob, self.template_services)])
+                                       bind(RedoJob, self.template_services),
+                                       bind_commit(self.template_services,  # TPL-23 to TPL-25
+                                                   rpc_timeout=float(cfg.commit.rpc_timeout),
+                                                   cleanup_timeout=float(cfg.cleanup.rpc_timeout)),
+                                       *snapshot_jobs.types(snapshot_jobs.SnapshotServices(
+                                           self.engine, lambda n: n in self.registry.nodes,
+                                           gen_scan=cfg.snapshot.rollback_gen_scan,
+                                           cleanup_timeout=float(cfg.cleanup.rpc_timeout)))])
 
         # Catalog presence and strays (GC-10 to GC-12): after each catalog change, and swept.
         self.presence = PresenceChecker(self.registry, self.engine, self.dispatcher,
@@ -159,6 +174,13 @@ class Coordinator:
         await self.resolve_index.start()
         self.sandboxes = Sandboxes(self.engine, self.registry, self.resolve_index, self.dispatcher,
                                    publish=self.events.publish, schedule_scan=self.compat.schedule)
+        # Snapshots (SNAP-1 to SNAP-21): operations, the tombstone finaliser and GC-9.
+        self.snapshots = SnapshotOps(self.engine, self.jobs, self.resolve_index, wake=self.runner.wake,
+                                     op_timeout=float(cfg.snapshot.op_timeout),
+                                     stuck_after=float(cfg.snapshot.stuck_after), list_limit=cfg.snapshot.list_limit,
+                                     list_max=cfg.snapshot.list_max, interval=float(cfg.reconcile.interval))
+        self.sandboxes.snapshots = self.snapshots
+        self.on_refs_released = self.snapshots.on_refs_released
 
         admin_sock = self._socket(zmq.ROUTER)
         self._protect(admin_sock, cfg.coordinator.admin_endpoint, "admin")
@@ -170,7 +192,7 @@ class Coordinator:
                            wake_jobs=self.runner.wake, compat=self.compat,
                            storage=StorageProbe(self.registry, self.dispatcher, cfg.storage,
                                                 timeout=float(cfg.storage.refresh_timeout)),
-                           resolve=self.resolve_index, sandboxes=self.sandboxes)
+                           resolve=self.resolve_index, sandboxes=self.sandboxes, snapshots=self.snapshots)
         self.admin = AdminEndpoint(admin_sock, ctx, cfg.codec.limits(), cfg.admin.progress_every, admin_peers)
 
         self.bound = {"agent": agent_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -179,13 +201,21 @@ class Coordinator:
         self.lease = LeaseLoop(self.registry)
         await self.runner.start()  # RUNNING jobs resume at their persisted step, PENDING ones start (TPL-31)
         for coro in (self.agents.run(), self.admin.run(), self.lease.run(), self.presence.run(),
+                     self.snapshots.run(),  # GC-9 and the tombstone pass (SNAP-14)
                      self.compat.run(),  # compat scans (COMPAT-4)
+                     run_refs_reconciler(self.engine, self.registry, interval=float(cfg.reconcile.interval),
+                                         ttl_ms=int(float(cfg.refs.orphan_ttl) * 1000),
+                                         on_released=self._refs_released),  # GC-10, SNAP-19 to SNAP-21
                      FlushLoop(self.registry, cfg.heartbeat.last_seen_flush).run()):
             self.tasks.append(asyncio.ensure_future(coro))
         log.info("coordinator serving: agents %s, admin %s, events %s (%d nodes known, grace %.0fs)",
                  self.bound["agent"], self.bound["admin"], self.bound["events"], len(self.registry.nodes),
                  cfg.heartbeat.failover_grace)
         daemon.sd_notify(f"READY=1\nSTATUS=serving {len(self.registry.nodes)} nodes")
+
+    async def _refs_released(self, snapshot_ids: list[str]) -> None:
+        if self.on_refs_released is not None:
+            await self.on_refs_released(snapshot_ids)
 
     def _protect(self, sock: zmq.Socket, endpoint: str, domain: str) -> None:
         """CURVE on TCP admin and event endpoints; ipc ones are guarded by file permissions."""

@@ -6,7 +6,9 @@ the main job: a small sample image (busybox, written as an OCI archive by the te
 becomes a template on all three agents — built once, copied agent to agent — and
 `tcctl template show` lists its READY replicas (demo-1, the QEMU host, with a memory
 snapshot); then the compat matrix and the storage status, and a sandbox restored from that
-snapshot: its console, then its destruction.
+snapshot: its console; a snapshot of the running sandbox, which runs on; a rollback (the
+console goes back to the snapshot's tick); a commit of the sandbox to a new template on all
+three nodes, the compat matrix again, and the clean-up.
 On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
 `make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
 """
@@ -48,15 +50,34 @@ def sets(pairs: dict[str, str]) -> list[str]:
     return [a for k, v in pairs.items() for a in ("--set", f"{k}={v}")]
 
 
-def tcctl(*args: str, json_out: bool = False) -> subprocess.CompletedProcess[str]:
-    argv = [PY, "-m", "coordinator.cli.main", *args, "--endpoint", ADMIN, "--timeout", "5"]
+def tcctl(*args: str, json_out: bool = False, timeout: float = 5) -> subprocess.CompletedProcess[str]:
+    argv = [PY, "-m", "coordinator.cli.main", *args, "--endpoint", ADMIN, "--timeout", str(timeout)]
     return subprocess.run(argv + (["--json"] if json_out else []), capture_output=True, text=True, cwd=ROOT)
 
 
-def show(*args: str) -> None:
+def show(*args: str, timeout: float = 5) -> None:
     print(f"\n$ tcctl {' '.join(args)}", flush=True)
-    r = tcctl(*args)
+    r = tcctl(*args, timeout=timeout)
     print((r.stdout + r.stderr).rstrip(), flush=True)
+
+
+def call(*args: str, timeout: float = 5) -> dict:
+    """A tcctl call whose answer the demo reads (--json); the command is printed first."""
+    print(f"\n$ tcctl {' '.join(args)}", flush=True)
+    r = tcctl(*args, json_out=True, timeout=timeout)
+    if r.returncode != 0:
+        raise SystemExit(f"demo: tcctl {' '.join(args)} failed: {(r.stdout + r.stderr).strip()}")
+    return json.loads(r.stdout)
+
+
+def ticks(sid: str) -> list[int]:
+    """The tick numbers on the sandbox's console, in order."""
+    out = tcctl("sandbox", "show", sid, "--console", json_out=True, timeout=30)
+    if out.returncode != 0:
+        return []
+    text = json.loads(out.stdout)["sandbox"].get("console", "")
+    return [int(w.split()[1]) for w in text.replace("\r", "").splitlines()
+            if w.startswith("tick ") and w.split()[1].isdigit()]
 
 
 def wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -108,15 +129,46 @@ def sample_image() -> str:
              File("etc/motd", b"built by make demo\n")]
     if busybox.exists():
         files += [File("bin/busybox", busybox.read_bytes(), mode=0o755), Symlink("bin/sh", "busybox"),
-                  Symlink("bin/cat", "busybox"), Symlink("bin/sleep", "busybox")]
-    # The entrypoint ticks on the console, so a restored sandbox visibly goes on counting.
-    tick = "cat /etc/motd; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.5; done"
+                  Symlink("bin/cat", "busybox"), Symlink("bin/sleep", "busybox"), Symlink("bin/sync", "busybox")]
+    # The entrypoint ticks on the console and keeps its last tick on disk (synced, so an export
+    # for a commit sees it): a restored or rolled-back sandbox visibly goes on from its state.
+    tick = ("cat /etc/motd; [ -e /last-tick ] && echo resumed from disk tick $(cat /last-tick); i=0; "
+            "while :; do echo tick $i; echo $i > /last-tick; sync; i=$((i+1)); sleep 0.5; done")
     img = oci.image([layer(files), layer([File("etc/motd", b"built by make demo, layer 2\n")])],
                     config={"Entrypoint": ["/bin/sh", "-c", tick], "Env": ["PATH=/bin"]})
     (DEMO / "import").mkdir(parents=True, exist_ok=True)
     path = DEMO / "import" / "sample.tar"
     oci.write_oci_archive(path, img, tag="v1")
     return f"oci-archive:{path}:v1"
+
+
+def snapshot_rollback_commit(sid: str) -> None:
+    """The rest of the main job: snapshot the running sandbox, let it run on, roll it back (its
+    console goes back to the snapshot's tick), commit it to a new template on all three nodes."""
+    print("\ndemo: snapshot the running sandbox; it pauses briefly and runs on", flush=True)
+    snap = call("snapshot", "create", sid, "--name", "demo-snap", "--request-id", f"demo-snap-{int(time.time())}",
+                timeout=300)
+    at = ticks(sid)[-1]
+    print(f"snapshot {snap['snapshot_id']} {snap['status']}: paused {snap['pause_ms']} ms at about tick {at}",
+          flush=True)
+    wait(lambda: (ticks(sid) or [0])[-1] >= at + 8, 60, "the sandbox to run on")
+    print(f"demo: the sandbox ran on to tick {ticks(sid)[-1]}; now roll it back", flush=True)
+    rb = call("snapshot", "rollback", sid, snap["snapshot_id"], "--request-id", f"demo-rb-{int(time.time())}",
+              timeout=300)
+    print(f"sandbox {sid} back at {snap['snapshot_id']} (generation {rb['generation']}) in {rb['restore_ms']} ms",
+          flush=True)
+    wait(lambda: len(ticks(sid)) >= 3, 60, "ticks after the rollback")
+    seen = ticks(sid)
+    print(f"demo: after the rollback the console counts on from tick {seen[0]}: {seen[:6]}", flush=True)
+    show("snapshot", "list")
+    print("\ndemo: commit the running sandbox to a new template on all three nodes", flush=True)
+    show("template", "create", "--from-sandbox", sid, "--nodes", ",".join(NODES), "--alias", "demo-commit",
+         "--wait", "--request-id", f"demo-commit-{int(time.time())}", timeout=600)
+    show("template", "show", "demo-commit")
+    show("compat", "matrix")
+    show("sandbox", "destroy", sid, timeout=60)
+    show("snapshot", "delete", snap["snapshot_id"], "--request-id", f"demo-snap-del-{int(time.time())}",
+         timeout=120)
 
 
 def main() -> int:
@@ -214,7 +266,7 @@ def main() -> int:
                 wait(lambda: "tick 3" in tcctl("sandbox", "show", sid, "--console").stdout, 60, "the console")
                 show("sandbox", "list")
                 show("sandbox", "show", sid, "--console")
-                show("sandbox", "destroy", sid)
+                snapshot_rollback_commit(sid)
         else:
             print("demo: no guest kernel in ~/.cache/templatecenter/guest (make guest-kernel): no sandbox",
                   flush=True)

@@ -228,6 +228,12 @@ class Cluster:
             p.stop()
         if self.coordinator:
             self.coordinator.stop()
+        # QEMU outlives its agent on purpose (RT-15): end every VM this cluster started.
+        for pidfile in (self.root / "agents").glob("*/sandboxes/*/qemu.pid"):
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

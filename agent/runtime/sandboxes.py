@@ -145,14 +145,28 @@ class SandboxService:
         sid = _id("sandbox", a.get("sandbox_id"), "sandbox_id", "sbx-<24 hex>")
         tpl = _id("template", a.get("template_id"), "template_id", "tpl-<24 hex>")
         restore = a.get("restore", "cold")
-        if restore not in ("cold", "memory"):
-            raise InvalidRequest(f"restore {str(restore)[:40]!r} is not cold or memory",
+        if restore not in ("cold", "memory", "snapshot"):
+            raise InvalidRequest(f"restore {str(restore)[:40]!r} is not cold, memory or snapshot",
                                  {"field": "restore", "reason": "enum"})
+        snap = (_id("snapshot", a.get("snapshot_id"), "snapshot_id", "snap-<24 hex>")
+                if restore == "snapshot" else None)
         with self._lock(sid):
             existing = self.catalog.get(SANDBOX_KIND, sid)
             if existing is not None:  # idempotent by sandbox id
                 return self._result(sid, existing["body"])
-            if restore == "memory":
+            ref: dict[str, Any] = {}
+            if snap is not None:  # a new sandbox from a sandbox snapshot (SNAP-18): RT-11's path
+                sentry = self.snapshots.usable(snap)
+                self.check_compat(snap, sentry["body"], what="snapshot")
+                artifact = sentry["body"].get("base_artifact_id")
+                ref = {"snapshot_id": snap, "generation": 0}
+                started = _now_ms()
+                try:
+                    st = self.driver.restore(sid, str(self.snapshots.dir(snap)))
+                except BaseException:
+                    self.driver.destroy(sid, 5.0)
+                    raise
+            elif restore == "memory":
                 replica = self.catalog.get(REPLICA_KIND, tpl)
                 if replica is None or not replica["body"].get("memory"):
                     raise InvalidRequest(f"node has no memory snapshot of template {tpl}",
@@ -176,7 +190,7 @@ class SandboxService:
                     raise
             # artifact_id: the base a later snapshot of this sandbox descends from (CAT-1).
             body = {"template_id": tpl, "artifact_id": artifact, "state": st.state, "restored": st.restored,
-                    "started_ms": started, "exit_code": st.exit_code, "error": st.error or None}
+                    "started_ms": started, "exit_code": st.exit_code, "error": st.error or None, **ref}
             self._put(sid, body)
             log.info("sandbox %s of %s %s (restored %s) boot %d ms ready %d ms", sid, tpl, st.state, st.restored,
                      st.boot_ms, st.ready_ms)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol import canonical, ids
+from protocol import canonical, fingerprints, ids
 from protocol.errors import (InvalidRequest, SandboxNotFound, SandboxNotRunning,
                              SnapshotNotFound, SnapshotSandboxMismatch)
 
@@ -34,12 +34,15 @@ from ..catalog import ARTIFACT_KIND, REPLICA_KIND, SANDBOX_KIND, SNAPSHOT_KIND
 from ..image.store import ROOTFS, Store, check_artifact_id, fsync_dir
 from ..storage import check_writable
 from ..tasks import TaskContext
+from . import disks
 
 if TYPE_CHECKING:
     from .sandboxes import SandboxService
 
 log = logging.getLogger("snapshots")
 
+# A commit's memstate artifact (TPL-25): what a memory restore needs besides the disk.
+MEMSTATE_FILES = ("config.img", "memory.img", "meta.json", "state.mig")
 # The driver's snapshot files (qemu.py, RT-12) and which size each one reports.
 SIZE_FILES = {"memory": "memory.img", "disk": "disk.raw", "state": "state.mig"}
 
@@ -60,6 +63,13 @@ class SnapshotService:
 
     def dir(self, snapshot_id: str) -> Path:
         return self.root / snapshot_id
+
+    def usable(self, snap: str) -> dict[str, Any]:
+        """The snapshot's catalog entry, when its files are here and it is not being removed."""
+        sentry = self.catalog.get(SNAPSHOT_KIND, snap)
+        if sentry is None or sentry["body"].get("state") == "removing" or not self.dir(snap).is_dir():
+            raise SnapshotNotFound(f"snapshot {snap} is not on this node", {"snapshot_id": snap})
+        return sentry
 
     # --- SNAPSHOT_SANDBOX (RT-12, RT-13, CAT-8) ---------------------------------------------
 
@@ -140,10 +150,7 @@ class SnapshotService:
             if gen < current or (gen == current and sbody.get("snapshot_id") != snap):
                 raise InvalidRequest(f"generation {gen} is not newer than the sandbox's generation {current}",
                                      {"field": "generation", "reason": "stale", "current": current})
-            sentry = self.catalog.get(SNAPSHOT_KIND, snap)
-            if sentry is None or sentry["body"].get("state") == "removing" or not self.dir(snap).is_dir():
-                raise SnapshotNotFound(f"snapshot {snap} is not on this node", {"snapshot_id": snap})
-            body = sentry["body"]
+            body = self.usable(snap)["body"]
             if body.get("sandbox_id") != sid:
                 raise SnapshotSandboxMismatch(f"snapshot {snap} was taken from {body.get('sandbox_id')}, not {sid}",
                                               {"snapshot_id": snap, "sandbox_id": sid,
@@ -194,49 +201,171 @@ class SnapshotService:
     # --- EXPORT_SANDBOX (RT-14 export, TPL-24, TPL-25) -----------------------------------------
 
     def export_task(self, ctx: TaskContext) -> dict[str, Any]:
-        """A standalone raw ext4 of the guest-visible disk, taken while paused, becomes the
-        verified artifact ``store/artifacts/<artifact id>/rootfs.ext4`` (kind ``flat``: its
-        fingerprint is sha256 of canonical {kind: "flat", sha256}, TPL-25). Idempotent by
-        artifact id."""
+        """A standalone raw ext4 of the guest-visible disk becomes the verified artifact
+        ``store/artifacts/<artifact id>/rootfs.ext4`` (kind ``flat``: its fingerprint is sha256
+        of canonical {kind: "flat", sha256}, TPL-25).
+
+        Source: ``sandbox_id`` (a RUNNING sandbox, copied while paused), or ``snapshot_id`` (a
+        snapshot on this node: its frozen ``disk.raw``, no pause). Name: ``artifact_id`` when
+        given (idempotent by that id); without it the artifact is named by its fingerprint,
+        ``art-`` + 24 hex (CONV-1) — what a COMMIT job needs, as the sha256 is only known
+        here. A re-sent task is answered from the task record; an identical copy already
+        verified under that name is kept as it is (it may back replicas).
+
+        With ``memory_template_id`` (a sandbox source, TPL-24 memory mode) the pause also
+        captures device state and memory (RT-12): the export is that snapshot's frozen disk, and
+        the snapshot becomes the template's memory snapshot on this node (the replica entry a
+        ``restore: memory`` sandbox create uses, as PREPARE_REPLICA leaves it); the result then
+        carries ``memory`` {has_memory_snapshot, pins, facts}."""
         self.sb._require()
-        sid = _id("sandbox", ctx.args.get("sandbox_id"), "sandbox_id", "sbx-<24 hex>")
-        aid = check_artifact_id(ctx.args.get("artifact_id"))
+        a = ctx.args
+        snap = _id("snapshot", a["snapshot_id"], "snapshot_id", "snap-<24 hex>") if a.get("snapshot_id") else None
+        sid = None if snap else _id("sandbox", a.get("sandbox_id"), "sandbox_id", "sbx-<24 hex>")
+        aid = check_artifact_id(a["artifact_id"]) if a.get("artifact_id") is not None else None
+        mem_tpl = (_id("template", a["memory_template_id"], "memory_template_id", "tpl-<24 hex>")
+                   if a.get("memory_template_id") else None)
+        if mem_tpl is not None and snap is not None:
+            raise InvalidRequest("a memory snapshot needs a sandbox source", {"field": "memory_template_id",
+                                                                              "reason": "conflict"})
         store = Store.under(self.sb.cfg.agent.state_dir)
-        with self.sb._lock(sid):
-            existing = self.catalog.get(ARTIFACT_KIND, aid)
-            if existing is not None and existing["body"].get("state") == "verified" and \
-                    (store.artifact_dir(aid) / ROOTFS).is_file():
-                b = existing["body"]
-                return {"artifact_id": aid, "files": b.get("files"), "sha256": b.get("sha256"), "size": b.get("size")}
-            entry = self.catalog.get(SANDBOX_KIND, sid)
-            if entry is None:
-                raise SandboxNotFound(f"sandbox {sid} is not on this node", {"sandbox_id": sid})
-            if entry["body"].get("state") != "RUNNING" or not self.driver.alive(sid):
-                raise SandboxNotRunning(f"sandbox {sid} is {entry['body'].get('state')}, not RUNNING",
-                                        {"sandbox_id": sid, "state": entry["body"].get("state")})
+        if snap is not None:
+            sentry = self.catalog.get(SNAPSHOT_KIND, snap)
+            lock_key = str(sentry["body"].get("sandbox_id")) if sentry else snap  # as REMOVE_SNAPSHOT
+        else:
+            lock_key = str(sid)
+        with self.sb._lock(lock_key):
+            if aid is not None and mem_tpl is None and (done := self._exported(store, aid)) is not None:
+                return done
+            if snap is not None:
+                sentry = self.catalog.get(SNAPSHOT_KIND, snap)
+                disk = self.dir(snap) / "disk.raw"
+                if sentry is None or sentry["body"].get("state") == "removing" or not disk.is_file():
+                    raise SnapshotNotFound(f"snapshot {snap} is not on this node", {"snapshot_id": snap})
+                source: dict[str, Any] = {"snapshot_id": snap, "sandbox_id": sentry["body"].get("sandbox_id")}
+            else:
+                entry = self.catalog.get(SANDBOX_KIND, str(sid))
+                if entry is None:
+                    raise SandboxNotFound(f"sandbox {sid} is not on this node", {"sandbox_id": sid})
+                if entry["body"].get("state") != "RUNNING" or not self.driver.alive(str(sid)):
+                    raise SandboxNotRunning(f"sandbox {sid} is {entry['body'].get('state')}, not RUNNING",
+                                            {"sandbox_id": sid, "state": entry["body"].get("state")})
+                source = {"sandbox_id": sid}
             check_writable(self.sb.cfg, "exports")
-            work = store.new_try(aid)
+            # Without a name yet, the scratch dir is named after the task (a valid artifact id).
+            work = store.new_try(aid or "art-" + hashlib.sha256(ctx.task_id.encode()).hexdigest()[:24])
+            memory: dict[str, Any] | None = None
             try:
                 ctx.progress({"phase": "SNAPSHOTTING"})
-                res = self.driver.export(sid, str(work / "artifact"))
                 staged = work / "artifact"
+                shot = work / "memory"
+                if snap is not None or mem_tpl is not None:
+                    if mem_tpl is not None:  # pause: state, memory, frozen disk, cont (RT-12)
+                        res = self.driver.snapshot(str(sid), str(shot))
+                        disk, pause_ms = shot / "disk.raw", int(res["pause_ms"])
+                    else:  # a snapshot's disk is already a standalone raw copy (RT-12)
+                        pause_ms = 0
+                    staged.mkdir()
+                    disks.standalone(str(disk), "raw", str(staged / ROOTFS))
+                    os.chmod(staged / ROOTFS, 0o644)
+                else:
+                    pause_ms = int(self.driver.export(str(sid), str(staged))["pause_ms"])
                 sha = _sha256(staged / ROOTFS)
-                _fsync_tree(staged)
-                final = store.artifact_dir(aid)
-                if final.exists():  # a stale copy of an interrupted export of this id
-                    shutil.rmtree(final)
-                os.rename(staged, final)
-                fsync_dir(store.artifacts)
+                fingerprint = canonical.digest({"kind": "flat", "sha256": sha})
+                aid = aid or fingerprints.artifact_id(fingerprint)
+                done = self._exported(store, aid)
+                if done is not None and done["sha256"] == sha:
+                    log.info("%s exported as %s: an identical copy is already here, kept", snap or sid, aid)
+                else:  # the same bytes already here under their name are kept (they may back replicas)
+                    done = None
+                    _fsync_tree(staged)
+                    final = store.artifact_dir(aid)
+                    if final.exists():  # a stale copy of an interrupted export of this id
+                        shutil.rmtree(final)
+                    os.rename(staged, final)
+                    fsync_dir(store.artifacts)
+                if mem_tpl is not None:
+                    memory = self._keep_memory(mem_tpl, shot, aid, str(sid), pause_ms)
+                    memory["memstate"] = self._memstate(store, work / "memstate", self.sb.replica_root / mem_tpl,
+                                                        str(sid))
             finally:
                 store.end_try(work)
-            size = int(res["files"][0]["size"])
+            if done is not None:
+                return {**done, "memory": memory} if memory else done
+            size = (final / ROOTFS).stat().st_size
             files = [{"name": ROOTFS, "size": size, "sha256": sha}]
-            body = {"kind": "flat", "state": "verified", "fingerprint": canonical.digest({"kind": "flat", "sha256": sha}),
-                    "sha256": sha, "size": size, "files": files, "source": {"sandbox_id": sid},
-                    "pause_ms": res["pause_ms"]}
+            body = {"kind": "flat", "state": "verified", "fingerprint": fingerprint,
+                    "sha256": sha, "size": size, "files": files, "source": source, "pause_ms": pause_ms}
             self.catalog.put(ARTIFACT_KIND, aid, body)  # after the file (CAT-8)
-            log.info("sandbox %s exported as %s (%d MiB, pause %d ms)", sid, aid, size >> 20, res["pause_ms"])
-            return {"artifact_id": aid, "files": files, "sha256": sha, "size": size}
+            log.info("%s exported as %s (%d MiB, pause %d ms)", snap or sid, aid, size >> 20, pause_ms)
+            out = {"artifact_id": aid, "files": files, "sha256": sha, "size": size, "fingerprint": fingerprint,
+                   "pause_ms": pause_ms}
+            return {**out, "memory": memory} if memory else out
+
+    def _memstate(self, store: Store, staged: Path, replica: Path, sid: str) -> dict[str, Any]:
+        """TPL-25: the memory snapshot's files (hard links: neither side is ever written again)
+        as a verified ``memstate`` artifact, fingerprint = sha256 of canonical {kind: "memstate",
+        files: [{name, sha256}]} — its files' sha256s — which is also its ``sha256``."""
+        staged.mkdir()
+        files = []
+        for name in MEMSTATE_FILES:
+            src, dst = replica / name, staged / name
+            try:
+                os.link(src, dst)
+            except OSError:
+                disks.clone(str(src), str(dst))
+            files.append({"name": name, "size": dst.stat().st_size, "sha256": _sha256(dst)})
+        fingerprint = canonical.digest({"kind": "memstate", "files": [{"name": f["name"], "sha256": f["sha256"]}
+                                                                      for f in files]})
+        mid = fingerprints.artifact_id(fingerprint)
+        size = sum(int(f["size"]) for f in files)
+        existing = self.catalog.get(ARTIFACT_KIND, mid)
+        if existing is None or existing["body"].get("state") != "verified" or existing["body"].get("sha256") != fingerprint:
+            _fsync_tree(staged)
+            final = store.artifact_dir(mid)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staged, final)
+            fsync_dir(store.artifacts)
+            self.catalog.put(ARTIFACT_KIND, mid, {
+                "kind": "memstate", "state": "verified", "fingerprint": fingerprint, "sha256": fingerprint,
+                "size": size, "files": files, "source": {"sandbox_id": sid}})  # after the files (CAT-8)
+        return {"artifact_id": mid, "fingerprint": fingerprint, "sha256": fingerprint, "size": size, "files": files}
+
+    def _keep_memory(self, template_id: str, shot: Path, aid: str, sid: str, pause_ms: int) -> dict[str, Any]:
+        """TPL-24 memory mode: the paused sandbox's snapshot becomes ``template_id``'s memory
+        snapshot on this node, in the layout and catalog entry PREPARE_REPLICA leaves (DIST-9),
+        so a ``restore: memory`` create resumes the committed guest (RT-11)."""
+        import json
+        from .sandboxes import FACT_NAMES, PIN_NAMES
+        root = self.sb.replica_root
+        root.mkdir(parents=True, exist_ok=True)
+        files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(shot.iterdir()) if p.is_file()]
+        _fsync_tree(shot)
+        final = root / template_id
+        shutil.rmtree(final, ignore_errors=True)  # files without an entry never count (CAT-8)
+        os.rename(shot, final)
+        _fsync_dir(root)
+        meta = json.loads((final / "meta.json").read_text())
+        versions, facts = self.sb._versions(), self.sb._facts()
+        pins = {k: versions.get(k, "") for k in PIN_NAMES}
+        host_facts = {k: facts.get(k, "") for k in FACT_NAMES}
+        self.catalog.put(REPLICA_KIND, template_id, {
+            "artifact_id": aid, "memory": True, "pins": pins, "facts": host_facts, "files": files,
+            "pause_ms": pause_ms, "vcpus": meta.get("vcpus"), "memory_mib": meta.get("memory_mib"),
+            "source": {"sandbox_id": sid}})  # after the files (CAT-8)
+        log.info("memory snapshot of %s kept for %s (pause %d ms)", sid, template_id, pause_ms)
+        return {"template_id": template_id, "has_memory_snapshot": True, "pins": pins, "facts": host_facts}
+
+    def _exported(self, store: Store, aid: str) -> dict[str, Any] | None:
+        """EXPORT_SANDBOX's result for a verified copy already listed under ``aid``, else None."""
+        existing = self.catalog.get(ARTIFACT_KIND, aid)
+        if existing is None or existing["body"].get("state") != "verified" or \
+                not (store.artifact_dir(aid) / ROOTFS).is_file():
+            return None
+        b = existing["body"]
+        return {"artifact_id": aid, "files": b.get("files"), "sha256": b.get("sha256"), "size": b.get("size"),
+                "fingerprint": b.get("fingerprint") or canonical.digest({"kind": "flat", "sha256": b.get("sha256")}),
+                "pause_ms": int(b.get("pause_ms") or 0)}
 
 
 def _sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..storage import StorageProbe
     from ..resolve import ResolveIndex
     from ..sandboxes import Sandboxes
+    from ..snapshots.service import SnapshotOps
     from protocol.peers import PeerTable
 
 
@@ -35,5 +36,6 @@ class AdminContext:
     storage: "StorageProbe | None" = None           # storage status --refresh (SNAP-22)
     resolve: "ResolveIndex | None" = None           # the resolve index (RES-1, RES-4; issue 7)
     sandboxes: "Sandboxes | None" = None            # sandbox records and lifecycle (RT-17 to RT-19)
+    snapshots: "SnapshotOps | None" = None          # snapshot operations (SNAP-1 to SNAP-17)
     # Sends a PROGRESS message to the caller (WIRE-19); commands call it on long work.
     progress: Callable[[str, dict[str, Any] | None], None] = lambda message, data=None: None

@@ -307,3 +307,68 @@ class Sandbox(Base):
         Index("ix_sandboxes_template", "template_id"),  # TemplateInUse (TPL-26)
         Index("ix_sandboxes_node", "node_id"),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots of running sandboxes and the runtime references to them (issue 8, SPEC §10).
+
+class Snapshot(Base):
+    """A snapshot of a running sandbox, living on its origin node (SNAP-1 to SNAP-14).
+
+    Statuses: CREATING → READY | FAILED; DELETING while a delete job removes it; DELETED is a
+    tombstone kept while runtime refs are ACTIVE (SNAP-12), hidden from list/show and refused
+    as a source. ``base_artifact_id`` is the artifact its disk descends from: GC-1 counts it as
+    a reference in every status, DELETED included."""
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), default="")  # display name, a label only
+    status: Mapped[str] = mapped_column(String(16), default="CREATING")
+    sandbox_id: Mapped[str] = mapped_column(String(32))  # the origin sandbox
+    node_id: Mapped[str] = mapped_column(String(63))  # the origin node: rollback stays there (SNAP-9)
+    template_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    base_artifact_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    host_facts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # frozen at create (SNAP-3)
+    pins: Mapped[dict[str, Any]] = mapped_column(default=dict)  # versions at READY (SNAP-4)
+    sizes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    pause_ms: Mapped[int | None] = mapped_column(default=None)
+    runtime_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the origin sandbox's (TPL-23)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_ms: Mapped[int] = mapped_column(default=0)
+    updated_ms: Mapped[int] = mapped_column(default=0)
+
+    __table_args__ = (
+        Index("ix_snapshots_created", "created_ms"),  # SNAP-17: newest first
+        Index("ix_snapshots_sandbox", "sandbox_id"),
+        Index("ix_snapshots_status", "status", "updated_ms"),  # GC-9, SNAP-14
+        Index("ix_snapshots_base_artifact", "base_artifact_id"),  # GC-1
+    )
+
+
+class RuntimeRef(Base):
+    """A running sandbox's use of a snapshot (SNAP-18 to SNAP-21): ACTIVE while the sandbox
+    runs from it, RELEASED with a reason. A DELETED snapshot's files stay on its node until
+    no ACTIVE ref remains (SNAP-12, SNAP-14)."""
+    __tablename__ = "runtime_refs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    snapshot_id: Mapped[str] = mapped_column(String(32))
+    sandbox_id: Mapped[str] = mapped_column(String(32))
+    node_id: Mapped[str] = mapped_column(String(63))
+    binding: Mapped[str] = mapped_column(String(32), default="memory_backing")
+    generation: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | RELEASED
+    attached_ms: Mapped[int] = mapped_column(default=0)
+    last_seen_ms: Mapped[int | None] = mapped_column(default=None)
+    released_ms: Mapped[int | None] = mapped_column(default=None)
+    release_reason: Mapped[str] = mapped_column(String(64), default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (
+        Index("ix_runtime_refs_snapshot", "snapshot_id", "status"),
+        Index("ix_runtime_refs_sandbox", "sandbox_id", "status"),
+        Index("ix_runtime_refs_node", "node_id", "status"),
+        # One ACTIVE ref per (sandbox, binding): acquire releases the old one in its transaction.
+        Index("uq_runtime_refs_active", "sandbox_id", "binding", unique=True,
+              sqlite_where=text("status = 'ACTIVE'"), postgresql_where=text("status = 'ACTIVE'")),
+    )

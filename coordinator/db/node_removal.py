@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, delete, select
 
+from ..snapshots.refs import release_node
 from .models import Node, NodeCatalogEntry, NodeKey, NodeVersion
 
 
@@ -24,6 +25,8 @@ def remove_node(engine: Engine, node_id: str) -> bool:
         # The foreign keys cascade, but SQLite enforces them only with PRAGMA foreign_keys=ON;
         # deleting the children explicitly keeps both backends identical.
         conn.execute(delete(NodeVersion).where(NodeVersion.node_id == node_id))
+        # NODE-14: its ACTIVE runtime refs are RELEASED ("node removed"), kept as history.
+        release_node(conn, node_id)
         conn.execute(delete(NodeCatalogEntry).where(NodeCatalogEntry.node_id == node_id))
         conn.execute(delete(NodeKey).where(NodeKey.node_id == node_id))
         conn.execute(delete(Node).where(Node.id == node_id))

@@ -148,14 +148,16 @@ class JobStore:
                    request: Mapping[str, Any], phase: str, progress: int = 0, redo_mode: str | None = None,
                    scope: Iterable[str] = (), resume_phase: str | None = None,
                    prepare: Callable[[Session], None] | None = None,
-                   on_active: Callable[[Mapping[str, Any]], TCError] | None = None) -> Submitted:
+                   on_active: Callable[[Mapping[str, Any]], TCError] | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> Submitted:
         """Add a job on an existing resource (REDO, DELETE, snapshot operations).
 
         Idempotent per TPL-5. For a template, the row is locked (``FOR UPDATE`` on PostgreSQL)
         and must exist (TemplateNotFound); ``prepare(session)`` then runs in the same
         transaction for the operation's own checks and writes; an active CREATE/REDO/COMMIT/DELETE
         job refuses with ``on_active(job)`` or TPL-7's TemplateAttemptInProgress. ``attempt_no``
-        and ``retry_of_job_id`` follow TPL-6."""
+        and ``retry_of_job_id`` follow TPL-6. ``overrides`` replace columns of the new row (a
+        tombstoning snapshot delete is recorded READY from the start, SNAP-12)."""
         _check_request_id(request_id)
         if operation not in JOB_OPERATIONS or resource_type not in RESOURCE_TYPES:
             raise ValueError(f"unknown operation/resource {operation}/{resource_type}")
@@ -183,6 +185,7 @@ class JobStore:
                                         request_id=request_id, attempt_no=attempt_no, retry_of=retry_of,
                                         request=clean, digest=dig, phase=phase, now=now, progress=progress,
                                         redo_mode=redo_mode, scope=list(scope), resume_phase=resume_phase)
+                    job.update(overrides or {})
                     s.execute(insert(J).values(**job))
                 return Submitted(job, True)
             except IntegrityError:

@@ -406,15 +406,19 @@ class CreateJob(JobType):
                        else "artifact distribution did not reach any node")
             await ctx.db(self.services.rows.publish, tpl["id"], ctx.job_id, tr.FAILED, last_error=message)
             raise TemplateHasNoReadyReplica(message, {"template_id": tpl["id"]})
-        spec = spec_of(tpl)
-        art = await ctx.db(self.services.rows.artifact, ctx.job["artifact_id"])
-        config = (art or {}).get("image_config") or {}  # normalised by the builder (IMG-21)
         status = tr.READY if not failed else tr.PARTIALLY_READY
         last_error = next((r["last_error"] for r in failed if r["last_error"]), "")
         warning = await ctx.db(self.services.rows.publish, tpl["id"], ctx.job_id, status, last_error=last_error,
-                               runtime_config=runtime_config(config, spec), claim_alias=self.claims_alias)
+                               runtime_config=await self._runtime_config(ctx, tpl), claim_alias=self.claims_alias)
         ctx.state["warning"] = warning
         self.services.credentials.pop(ctx.job_id, None)  # nothing left to pull (IMG-4)
+
+    async def _runtime_config(self, ctx: JobContext, tpl: dict[str, Any]) -> dict[str, Any] | None:
+        """The runtime config PUBLISH writes: image config + overrides (TPL-30); COMMIT keeps
+        the inherited one (TPL-23)."""
+        art = await ctx.db(self.services.rows.artifact, ctx.job["artifact_id"])
+        config = (art or {}).get("image_config") or {}  # normalised by the builder (IMG-21)
+        return runtime_config(config, spec_of(tpl))
 
     async def cleanup(self, ctx: JobContext, error: Mapping[str, str]) -> None:
         """A failed job: a claim it still holds ends FAILED; the template shows the error; the

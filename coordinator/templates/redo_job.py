@@ -36,6 +36,9 @@ class RedoJob(CreateJob):
         if art is not None and art["status"] == tr.READY:
             ready_holders = [n for n in await super()._holders(ctx, art, ctx.state["targets"])
                              if self.services.fleet.health(n) is Health.READY]
+        if not ready_holders and tpl["source_kind"] == "commit":  # TPL-21: nothing to rebuild from
+            raise ArtifactNotFound(f"template has no source image and no copy of {tpl['artifact_id']} survives",
+                                   {"template_id": tpl["id"], "artifact_id": tpl["artifact_id"]})
         ctx.state["redistribute_only"] = bool(ready_holders)
         if ready_holders:
             ctx.state["claim"] = {"outcome": "adopt", "generation": art["generation"]}

@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from protocol.errors import Internal
 
 from ..db.engine import is_lock_conflict
-from ..db.models import Artifact, Job, Placement, Replica, Template
+from ..db.models import Artifact, Job, Placement, Replica, Snapshot, Template
 from ..jobs import transitions as tr
 
 A, R, P, T, J = Artifact.__table__, Replica.__table__, Placement.__table__, Template.__table__, Job.__table__
+SN = Snapshot.__table__
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,42 @@ class Rows:
         """A failed build's claim ends FAILED (a later claim may take it again, CONV-8)."""
         with self.sessions.begin() as s:
             tr.transition_artifact(s, artifact_id, tr.BUILDING, tr.FAILED, expect_owner=job_id)
+
+    def register_export(self, artifact_id: str, fingerprint: str, job_id: str, *, sha256: str, size: int,
+                        files: list[Any], node: str, gc_ttl_ms: int, kind: str = "rootfs") -> str:
+        """TPL-24, CONV-8: a COMMIT export's row (``rootfs`` or ``memstate``) — new rows start PENDING (owner = the job) and
+        turn READY fenced on owner and generation; a READY row of the same fingerprint is
+        adopted; a FAILED/ORPHANED/CLEANUP_PENDING one is claimed again. The node's placement
+        is recorded either way. Returns "created" or "adopted"; a re-run keeps its answer."""
+        now = self.now_ms()
+        for _ in range(3):
+            try:
+                with self.sessions.begin() as s:
+                    row = s.execute(select(A).where(A.c.id == artifact_id)).mappings().first()
+                    if row is None:
+                        s.execute(insert(A).values(id=artifact_id, kind=kind, fingerprint=fingerprint,
+                                                   status=tr.PENDING, owner_job_id=job_id, generation=1,
+                                                   created_ms=now, updated_ms=now))
+                        row = {"status": tr.PENDING, "owner_job_id": job_id, "generation": 1}
+                    elif row["status"] == tr.READY:
+                        self._placement(s, artifact_id, node, now)
+                        return "created" if row["owner_job_id"] == job_id else "adopted"
+                    elif row["status"] in (tr.PENDING, tr.BUILDING) and row["owner_job_id"] != job_id:
+                        raise Internal(f"artifact {artifact_id} is being registered by {row['owner_job_id']}",
+                                       {"artifact_id": artifact_id})
+                    elif row["status"] not in (tr.PENDING, tr.BUILDING):
+                        tr.transition_artifact(s, artifact_id, row["status"], tr.BUILDING, owner_job_id=job_id)
+                        row = s.execute(select(A).where(A.c.id == artifact_id)).mappings().one()
+                    if not tr.transition_artifact(s, artifact_id, row["status"], tr.READY, expect_owner=job_id,
+                                                  expect_generation=row["generation"], sha256=sha256, size=size,
+                                                  files=files, gc_deadline_ms=now + gc_ttl_ms, now=now):
+                        raise Internal(f"artifact {artifact_id} changed while it was registered",
+                                       {"artifact_id": artifact_id})
+                    self._placement(s, artifact_id, node, now)
+                    return "created"
+            except IntegrityError:
+                continue  # another job inserted the same fingerprint first: read it again
+        raise Internal(f"could not register artifact {artifact_id}", {"artifact_id": artifact_id})
 
     def placements(self, artifact_id: str) -> list[str]:
         """Nodes recorded with a verified copy (DIST-6): known at once from task results, before
@@ -251,8 +288,8 @@ class Rows:
     # --- last-owner cleanup (GC-1, GC-3, GC-5) ----------------------------------------------------
 
     def references(self, s: Session, artifact_id: str, *, exclude_template: str | None) -> int:
-        """GC-1: replica rows, active jobs and templates naming the artifact (the excluded
-        template left out), counted through columns only."""
+        """GC-1: replica rows, active jobs, templates and snapshots naming the artifact (the
+        excluded template left out), counted through columns only."""
         from sqlalchemy import func, or_
         reps = select(func.count()).select_from(R).where(
             or_(R.c.artifact_id == artifact_id, R.c.memstate_artifact_id == artifact_id))
@@ -260,11 +297,14 @@ class Rows:
             or_(T.c.artifact_id == artifact_id, T.c.memstate_artifact_id == artifact_id))
         jobs = select(func.count()).select_from(J).where(J.c.artifact_id == artifact_id,
                                                           J.c.status.in_(tuple(tr.JOB_ACTIVE)))
+        # Snapshots in every status, DELETED tombstones included: a snapshot's disk descends
+        # from its base artifact, so a template delete must not take it away (GC-1).
+        snaps = select(func.count()).select_from(SN).where(SN.c.base_artifact_id == artifact_id)
         if exclude_template is not None:
             reps = reps.where(R.c.template_id != exclude_template)
             tpls = tpls.where(T.c.id != exclude_template)
             jobs = jobs.where(J.c.resource_id != exclude_template)
-        return sum(s.execute(q).scalar_one() for q in (reps, tpls, jobs))
+        return sum(s.execute(q).scalar_one() for q in (reps, tpls, jobs, snaps))
 
     def cleanup_begin(self, artifact_id: str, exclude_template: str | None, extra_nodes: list[str]) -> list[str] | None:
         """GC-3, phase 1: drop the excluded template's replica rows for the artifact; referenced →

@@ -8,7 +8,7 @@ reports RUNNING (after the template's readiness probe with ``--wait-ready``, RT-
 The node comes from resolve (RES-2) unless ``--node`` names one; that node must be placeable
 (NodeNotEligible), have a sandbox runtime (SandboxUnsupported) and writable storage
 (NodeStorageBlocked, SNAP-16). A retry with the same request id returns the same sandbox.
-Snapshot sources come with snapshots (issue 8): today every snapshot id is SnapshotNotFound.
+A snapshot source restores the snapshot on its node (SNAP-8; a tombstone is SnapshotNotFound).
 """
 from __future__ import annotations
 

@@ -1,12 +1,16 @@
-"""``template create --image REF [options] [--wait]`` — a template from an image (TPL-1 to TPL-17).
+"""``template create --image REF [options] [--wait]`` — a template from an image (TPL-1 to TPL-17);
+``template create --from-sandbox SBX|--from-snapshot SNAP [--rootfs-only] [--nodes N,…] [--alias A]``
+— a template committed from a running sandbox or a READY snapshot (TPL-23 to TPL-25, a COMMIT
+job: ``coordinator.templates.commit_job``).
 
 Wire: ADMIN {command: "template create", args: {image, alias?, nodes?, builder?, platform?,
 writable_size?, entrypoint?, cmd?, env?, workdir?, user?, ports?, vcpus?, memory_mib?,
-snapshot_mode?, probe?, compat_policy?, credentials?, wait?, wait_timeout?, request_id}}
+snapshot_mode?, probe?, compat_policy?, credentials?, wait?, wait_timeout?, request_id}} — or, for a commit,
+{from_sandbox | from_snapshot, rootfs_only?, alias?, nodes?, wait?, wait_timeout?, request_id}
 → RESULT {template_id, job: TPL-33 view, created} (with ``wait``: the finished job, and
 ``timed_out``/``follow_up`` when the wait ran out).
 
-Idempotent by (request id, CREATE) over the sanitised request (TPL-5). Registry credentials
+Idempotent by (request id, CREATE or COMMIT) over the sanitised request (TPL-5). Registry credentials
 (``--username`` with ``--password-stdin`` or ``--password-file``) are read by tcctl and sent
 with the request; the coordinator keeps them in memory only (IMG-4).
 """
@@ -66,12 +70,17 @@ TEXT = Str(4096)
 
 class TemplateCreate(Command):
     name = "template create"
-    summary = "create a template from an image and place it on the nodes (--wait to follow it)"
+    summary = "create a template from an image, a running sandbox or a snapshot (--wait to follow it)"
     args = (
         Arg("image", "image reference (registry, oci:, oci-archive:, docker-archive:)", Str(1024, None, 1, "image"),
-            required=True, metavar="REF"),
+            metavar="REF"),
+        Arg("from_sandbox", "commit a RUNNING sandbox instead of building an image", Str(28), metavar="SBX"),
+        Arg("from_snapshot", "commit a READY snapshot instead of building an image", Str(29), metavar="SNAP"),
+        Arg("rootfs_only", "commit a sandbox's disk only: replicas cold-boot (default: memory mode, the "
+            "origin node's replica resumes the committed guest)", Bool(), flag=True, default=False),
         Arg("alias", "alias to claim once the template is usable", Str(256), metavar="ALIAS"),
-        Arg("nodes", "target nodes, comma-separated (default: every placeable node)", _list, metavar="N,..."),
+        Arg("nodes", "target nodes, comma-separated (default: every placeable node; a commit: the origin node)",
+            _list, metavar="N,..."),
         Arg("builder", "the node that builds the image", Str(63), metavar="NODE"),
         Arg("platform", "os/arch[/variant] (default image.platform)", Str(64), metavar="PLATFORM"),
         Arg("writable_size", "free space in the root file system (default 1GiB, up to 1TiB)", _size, metavar="SIZE"),
@@ -118,11 +127,16 @@ class TemplateCreate(Command):
         from ...templates.spec import parse_create, sanitised_request
         from ._jobs import store
         jobs = store(ctx)
+        if args.get("from_sandbox") or args.get("from_snapshot"):
+            return await _commit(ctx, args)
+        if args.get("rootfs_only"):
+            raise InvalidRequest("--rootfs-only needs --from-sandbox or --from-snapshot",
+                                 {"field": "rootfs_only", "reason": "conflict"})
         creds = args.get("credentials")
         if creds is not None and not (isinstance(creds.get("username"), str) and isinstance(creds.get("password"), str)):
             raise InvalidRequest("credentials must be {username, password}", {"field": "credentials", "reason": "type"})
         request = {k: v for k, v in args.items() if v is not None and k not in (
-            "credentials", "username", "password_stdin", "password_file", "wait", "wait_timeout")}
+            "credentials", "username", "password_stdin", "password_file", "wait", "wait_timeout", "rootfs_only")}
         spec = parse_create(request)
         sanitised, _ = sanitised_request("CREATE", spec)
         submitted = await asyncio.to_thread(
@@ -142,6 +156,32 @@ class TemplateCreate(Command):
     def render(self, result, console):  # type: ignore[no-untyped-def]
         console.print(f"template {result['template_id']}" + ("" if result.get("created") else " (existing request)"))
         render_job(result["job"], console)
+
+
+async def _commit(ctx: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """TPL-23: a COMMIT job. An equal resubmit returns the existing job before the source is
+    looked at again (TPL-5: the sandbox may be gone by then)."""
+    from ...jobs.requests import sanitize_and_digest
+    from ...jobs.store import job_info
+    from ...templates.commit_job import commit_request, plan_commit
+    from ._jobs import store
+    jobs = store(ctx)
+    request = commit_request({k: v for k, v in args.items() if k not in ("wait", "wait_timeout", "request_id")})
+    _, dig = sanitize_and_digest(request)
+    existing = await asyncio.to_thread(jobs._idempotent, args["request_id"], "COMMIT", dig)
+    if existing is not None:
+        job, created = existing, False
+    else:
+        plan = await asyncio.to_thread(plan_commit, ctx.templates, request)
+        submitted = await asyncio.to_thread(
+            jobs.create_template, request_id=args["request_id"], request=request, source_kind="commit",
+            spec=plan["spec"], requested_alias=request["alias"], runtime_config=plan["runtime_config"],
+            operation="COMMIT", phase="SNAPSHOTTING")
+        job, created = submitted.job, submitted.created
+        if created:
+            ctx.wake_jobs()
+    result: dict[str, Any] = {"template_id": job["resource_id"], "created": created, "job": job_info(job)}
+    return await maybe_wait(ctx, args, job["id"], result)
 
 
 def _mark_inline_credentials(jobs: Any, job_id: str) -> None:
