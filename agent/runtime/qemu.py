@@ -26,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -315,17 +316,28 @@ class QemuDriver:
         Returns {files, pause_ms}. A failure still tries ``cont`` and names its stage."""
         d, meta, dest = self._copy_target(vm_id, dest_dir)
 
-        def steps(q: Qmp, stage: list[str]) -> None:
-            stage[0] = "capabilities"
-            q.call("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-            stage[0] = "migrate"  # QEMU 7.2 has no file: URI (TOOLS §7)
-            q.call("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state.mig'))}")
-            q.wait_migration(float(self.rt.migrate_timeout))
-            stage[0] = "memory"
-            disks.clone(meta["memory"], str(dest / "memory.img"))
-            stage[0] = "disk"
+        def disk() -> None:
             disks.freeze(str(d / meta["disk"]), meta["format"], str(dest / "disk.raw"))
             shutil.copyfile(d / "config.img", dest / "config.img")
+
+        def steps(q: Qmp, stage: list[str]) -> None:
+            # Once stopped, memory, disk and device state are three independent copies: run
+            # them at once, so the pause is the longest of them, not their sum.
+            with ThreadPoolExecutor(2, thread_name_prefix=f"snap-{vm_id}") as pool:
+                copies = {"memory": pool.submit(disks.clone, meta["memory"], str(dest / "memory.img")),
+                          "disk": pool.submit(disk)}
+                try:
+                    stage[0] = "capabilities"
+                    q.call("migrate-set-capabilities",
+                           capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                    stage[0] = "migrate"  # QEMU 7.2 has no file: URI (TOOLS §7)
+                    q.call("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state.mig'))}")
+                    q.wait_migration(float(self.rt.migrate_timeout))
+                finally:
+                    wait(copies.values())
+                for name, fut in copies.items():
+                    stage[0] = name
+                    fut.result()
 
         pause_ms = self._paused(vm_id, "snapshot", steps)
         smeta = {k: meta[k] for k in ("vcpus", "memory_mib", "accel", "kernel", "initramfs", "append")}

@@ -23,6 +23,10 @@ class TemplateShow(Command):
         jobs = store(ctx)
         reps = await asyncio.to_thread(ctx.templates.rows.replicas, tpl["id"])
         latest = await asyncio.to_thread(jobs.latest_job, tpl["id"])
+        origin = None
+        if tpl["source_kind"] == "commit":  # TPL-23: what it was committed from (its first job's request)
+            first = await asyncio.to_thread(jobs.list_jobs, resource_id=tpl["id"], operation="COMMIT", limit=1)
+            origin = (first[0]["request"] or {}).get("source") if first else None
         return {"template": {
             "template_id": tpl["id"], "alias": tpl["alias"], "requested_alias": tpl["requested_alias"],
             "status": tpl["status"], "source": tpl["source_kind"], "image": tpl["image_ref"],
@@ -31,13 +35,18 @@ class TemplateShow(Command):
             "replicas": [{k: r[k] for k in ("node_id", "status", "phase", "pins", "compat", "has_memory_snapshot",
                                            "last_error", "last_error_phase", "artifact_id")} for r in reps],
             "latest_job": job_info(latest) if latest else None,
-            "created_ms": tpl["created_ms"], "updated_ms": tpl["updated_ms"]}}
+            "committed_from": origin, "created_ms": tpl["created_ms"], "updated_ms": tpl["updated_ms"]}}
 
     def render(self, result, console):  # type: ignore[no-untyped-def]
         from rich.table import Table
         t = result["template"]
         console.print(f"template {t['template_id']}  alias {t['alias'] or '-'}  {t['status']}")
-        console.print(f"  image {t['image']}@{t['manifest_digest'] or '?'}  artifact {t['artifact_id'] or '-'}")
+        if t.get("source") == "commit":
+            src = t.get("committed_from") or {}
+            console.print(f"  committed from {src.get('kind', '?')} {src.get('id', '?')}  "
+                          f"artifact {t['artifact_id'] or '-'}", highlight=False)
+        else:
+            console.print(f"  image {t['image']}@{t['manifest_digest'] or '?'}  artifact {t['artifact_id'] or '-'}")
         if t["last_error"]:
             console.print(f"  last error: {t['last_error']}")
         rc = t["runtime_config"] or {}
