@@ -59,7 +59,7 @@ demo-stop:
 	$(PY) scripts/demo.py --stop
 
 test: deps
-	$(PY) -m pytest -q tests/unit tests/integration tests/e2e
+	$(PY) -m pytest -q --durations=25 tests/unit tests/integration tests/e2e
 
 test-fast: deps
 	$(PY) -m pytest -q -x tests/unit
