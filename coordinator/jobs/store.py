@@ -206,6 +206,11 @@ class JobStore:
             owner=None, lease_expires_ms=None, created_ms=now, started_ms=None, last_progress_ms=now,
             finished_ms=None)
 
+    def existing(self, request_id: str, operation: str, dig: str) -> dict[str, Any] | None:
+        """TPL-5 before any other check: the job an equal request made, or the refusal."""
+        _check_request_id(request_id)
+        return self._idempotent(request_id, operation, dig)
+
     def _idempotent(self, request_id: str, operation: str, dig: str) -> dict[str, Any] | None:
         """TPL-5: the existing job for an equal request, an error for a different one, else None."""
         with self.engine.connect() as conn:

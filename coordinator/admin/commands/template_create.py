@@ -168,7 +168,7 @@ async def _commit(ctx: Any, args: dict[str, Any]) -> dict[str, Any]:
     jobs = store(ctx)
     request = commit_request({k: v for k, v in args.items() if k not in ("wait", "wait_timeout", "request_id")})
     _, dig = sanitize_and_digest(request)
-    existing = await asyncio.to_thread(jobs._idempotent, args["request_id"], "COMMIT", dig)
+    existing = await asyncio.to_thread(jobs.existing, args["request_id"], "COMMIT", dig)
     if existing is not None:
         job, created = existing, False
     else:
