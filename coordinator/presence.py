@@ -7,6 +7,10 @@ For a READY node with a complete mirror:
   catalog" with ``cleanup_required``, and its template is re-aggregated (TPL-14's rule) unless
   a job of that template is active (the job publishes the aggregate itself);
 * a catalog replica entry the coordinator does not know gets a REMOVE_REPLICA task;
+* a READY snapshot whose origin is this node and that its catalog does not list turns FAILED
+  "missing from node catalog" (snapshots have no ``cleanup_required`` column; tombstones —
+  DELETED rows — are never touched); a catalog snapshot entry with no snapshot row at all gets
+  a REMOVE_SNAPSHOT task (a create in flight has its CREATING row from the start, SNAP-3);
 * a verified copy matching a READY artifact's sha256 becomes a placement; any other copy is a
   stray, removed (REMOVE_ARTIFACT) once it has been seen for ``gc.stray_grace`` (24 h) and is
   in no use (no replica row on that node, no active job, no build in progress).
@@ -40,13 +44,22 @@ from sqlalchemy.exc import IntegrityError
 from protocol.errors import TCError
 from protocol.messages import Event
 
-from .db.models import Artifact, Job, NodeCatalogEntry, Placement, Replica, Template
+from .db.models import (
+    Artifact,
+    Job,
+    NodeCatalogEntry,
+    Placement,
+    Replica,
+    Snapshot,
+    Template,
+)
 from .health import Health
 from .jobs import transitions as tr
+from .snapshots import rows as snaps
 
 log = logging.getLogger(__name__)
 A, R, P, T, J = Artifact.__table__, Replica.__table__, Placement.__table__, Template.__table__, Job.__table__
-E = NodeCatalogEntry.__table__
+E, SN = NodeCatalogEntry.__table__, Snapshot.__table__
 MISSING = "missing from node catalog"
 # Artifact statuses whose copies are accounted for elsewhere: a build or export in progress
 # (its job owns it) and one awaiting GC-3 cleanup (its placements go with it).
@@ -60,6 +73,8 @@ class Findings:
     unknown: list[str] = field(default_factory=list)       # catalog replica entries nobody knows
     placements: list[str] = field(default_factory=list)    # artifact ids to record as placed here
     strays: list[str] = field(default_factory=list)        # artifact copies matching no READY artifact
+    snapshots_missing: list[str] = field(default_factory=list)  # READY snapshots of this node not listed
+    snapshots_unknown: list[str] = field(default_factory=list)  # catalog snapshot entries with no row
 
 
 def decide(node_id: str, replicas: list[Mapping[str, Any]], entries: list[Mapping[str, Any]],
@@ -92,6 +107,19 @@ def decide(node_id: str, replicas: list[Mapping[str, Any]], entries: list[Mappin
         elif row is None or row["status"] not in _MANAGED:
             out.strays.append(art_id)
     return out
+
+
+def decide_snapshots(node_id: str, snapshots: Mapping[str, Mapping[str, Any]],
+                     entries: list[Mapping[str, Any]], *, now_ms: int, grace_ms: int) -> tuple[list[str], list[str]]:
+    """GC-11 for snapshots on one node → (missing, unknown). ``snapshots``: snapshot rows by id,
+    at least this node's and every one its catalog names. Missing: READY, origin here, not
+    listed, outside the grace. Unknown: listed with no row in any status — a CREATING row
+    (create in flight) or a DELETED tombstone is known, so neither is ever removed here."""
+    listed = {e["id"] for e in entries if e["kind"] == "snapshot"}
+    missing = sorted(i for i, r in snapshots.items()
+                     if r["node_id"] == node_id and r["status"] == snaps.READY and i not in listed
+                     and now_ms - (r.get("updated_ms") or 0) >= grace_ms)
+    return missing, sorted(listed - set(snapshots))
 
 
 def stray_copies(engine: Engine, node_id: str) -> list[dict[str, Any]]:
@@ -193,16 +221,21 @@ class PresenceChecker:
             findings = await asyncio.to_thread(self._check, node_id)
             for tpl in findings.unknown:
                 await self._task(node_id, "REMOVE_REPLICA", {"template_id": tpl}, tpl)
+            for snap in findings.snapshots_unknown:
+                await self._task(node_id, "REMOVE_SNAPSHOT", {"snapshot_id": snap}, snap)
             for art in await asyncio.to_thread(self._due_strays, node_id, findings.strays):
                 await self._task(node_id, "REMOVE_ARTIFACT", {"artifact_id": art}, art)
             return findings
 
     def _recent(self, node_id: str) -> bool:
-        """Whether a READY replica on the node is still inside the grace (checked again later)."""
+        """Whether a READY replica or snapshot on the node is still inside the grace (checked again later)."""
         cutoff = int(self.clock() * 1000) - self.grace_ms
         with self.engine.connect() as c:
-            return c.execute(select(R.c.template_id).where(R.c.node_id == node_id, R.c.status == tr.READY,
-                                                           R.c.updated_ms > cutoff).limit(1)).first() is not None
+            if c.execute(select(R.c.template_id).where(R.c.node_id == node_id, R.c.status == tr.READY,
+                                                       R.c.updated_ms > cutoff).limit(1)).first() is not None:
+                return True
+            return c.execute(select(SN.c.id).where(SN.c.node_id == node_id, SN.c.status == snaps.READY,
+                                                   SN.c.updated_ms > cutoff).limit(1)).first() is not None
 
     def _check(self, node_id: str) -> Findings:
         now = int(self.clock() * 1000)
@@ -214,7 +247,19 @@ class PresenceChecker:
             names |= {r["artifact_id"] for r in replicas if r["artifact_id"]}
             artifacts = {r["id"]: dict(r) for r in c.execute(select(A).where(A.c.id.in_(sorted(names)))).mappings()}
             placed = set(c.execute(select(P.c.artifact_id).where(P.c.node_id == node_id)).scalars())
+            # Read after the entries: a snapshot's row is committed before its files exist
+            # (SNAP-3), so an entry seen above always finds the row of a create in flight.
+            listed = sorted(e["id"] for e in entries if e["kind"] == "snapshot")
+            snap_rows = {r["id"]: dict(r) for r in c.execute(
+                select(SN.c.id, SN.c.node_id, SN.c.status, SN.c.updated_ms)
+                .where((SN.c.node_id == node_id) | SN.c.id.in_(listed))).mappings()}
         findings = decide(node_id, replicas, entries, artifacts, placed, now_ms=now, grace_ms=self.grace_ms)
+        gone, unknown = decide_snapshots(node_id, snap_rows, entries, now_ms=now, grace_ms=self.grace_ms)
+        findings.snapshots_missing.extend(gone)
+        findings.snapshots_unknown.extend(unknown)
+        for snap in gone:
+            if snaps.set_status(self.engine, snap, snaps.READY, snaps.FAILED, last_error=MISSING):
+                log.warning("node %s: READY snapshot %s is %s; marked FAILED (GC-11)", node_id, snap, MISSING)
         by_tpl = {r["template_id"]: r for r in replicas}
         for tpl in findings.missing:
             self._mark_missing(node_id, by_tpl[tpl], now)

@@ -114,7 +114,7 @@ class SnapshotCreateJob(_SnapshotJob):
             return
         try:
             await self._remove_on_node(ctx, snap, bounded=True)
-        except Exception as exc:  # noqa: BLE001 — tried once; GC-11 removes what stays
+        except Exception as exc:  # noqa: BLE001 — tried once; `snapshot delete` of the FAILED row removes what stays
             log.warning("snapshot %s: removal after a failed create did not finish: %s", snap["id"], exc)
         await ctx.db(rows.set_status, self.services.engine, snap["id"], rows.CREATING, rows.FAILED,
                      last_error=f"{error['name']}: {error['message']}"[:4000])

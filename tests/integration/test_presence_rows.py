@@ -12,13 +12,14 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
-from coordinator.db.models import Artifact, Node, NodeCatalogEntry, Placement, Replica, Template
+from coordinator.db.models import Artifact, Node, NodeCatalogEntry, Placement, Replica, Snapshot, Template
 from coordinator.events import EventBus
 from coordinator.health import Health
 from coordinator.presence import MISSING, PresenceChecker
 
 A, N, E, P, R, T = (Artifact.__table__, Node.__table__, NodeCatalogEntry.__table__, Placement.__table__,
                     Replica.__table__, Template.__table__)
+SN = Snapshot.__table__
 ART = "art-" + "a1" * 12
 TPL = "tpl-" + "b2" * 12
 NOW = 10_000_000_000
@@ -128,3 +129,44 @@ def test_a_copy_of_a_ready_artifact_becomes_a_placement(seeded: Engine) -> None:
     assert asyncio.run(checker.run_once("n3")).placements == [ART]
     with seeded.connect() as c:
         assert sorted(c.execute(select(P.c.node_id).where(P.c.artifact_id == ART)).scalars()) == ["n1", "n2", "n3"]
+
+
+class _Tasks:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict[str, Any], str]] = []
+
+    async def run_task(self, node: str, op: str, args: dict[str, Any], task_id: str) -> dict[str, Any]:
+        self.sent.append((node, op, args, task_id))
+        return {}
+
+
+def test_snapshot_presence(seeded: Engine) -> None:
+    """GC-11 for snapshots: a READY snapshot its origin no longer lists turns FAILED "missing from
+    node catalog" once outside the grace; a DELETED tombstone without files stays DELETED; a
+    catalog snapshot with no row gets REMOVE_SNAPSHOT (one id per state), a CREATING one does not."""
+    def sid(i: int) -> str:
+        return f"snap-{i:024x}"
+    with seeded.begin() as c:
+        for i, status, updated in ((1, "READY", 0), (2, "DELETED", 0), (3, "CREATING", 0), (4, "READY", NOW),
+                                   (5, "READY", 0)):
+            c.execute(insert(SN).values(id=sid(i), status=status, sandbox_id="sbx-" + "c3" * 12, node_id="n1",
+                                        created_ms=0, updated_ms=updated))
+        for i in (3, 5, 9):  # 3: a create in flight; 5: listed, stays READY; 9: nobody knows it
+            c.execute(insert(E).values(node_id="n1", kind="snapshot", entry_id=sid(i), body={}))
+    reg, tasks = _Registry(["n1", "n2"]), _Tasks()
+    checker = PresenceChecker(reg, seeded, tasks, grace=1.0, clock=lambda: NOW / 1000)
+    found = asyncio.run(checker.run_once("n1"))
+    assert found is not None and found.snapshots_missing == [sid(1)]  # 4 is inside the grace
+    assert found.snapshots_unknown == [sid(9)]
+    with seeded.connect() as c:
+        got = {r.id: (r.status, r.last_error) for r in c.execute(select(SN.c.id, SN.c.status, SN.c.last_error))}
+    assert got[sid(1)] == ("FAILED", MISSING)
+    assert got[sid(2)] == ("DELETED", "") and got[sid(3)][0] == "CREATING"
+    assert got[sid(4)] == ("READY", "") and got[sid(5)] == ("READY", "")
+    assert [(n, op, a) for n, op, a, _ in tasks.sent] == [("n1", "REMOVE_SNAPSHOT", {"snapshot_id": sid(9)})]
+    assert checker._recent("n1")  # the fresh READY snapshot brings a second look after the grace
+
+    asyncio.run(checker.run_once("n1"))  # the same state again: the same task id (deterministic)
+    assert len(tasks.sent) == 2 and tasks.sent[0] == tasks.sent[1]
+    later = PresenceChecker(reg, seeded, tasks, grace=1.0, clock=lambda: NOW / 1000 + 2)
+    assert asyncio.run(later.run_once("n1")).snapshots_missing == [sid(4)]  # the grace is over

@@ -191,7 +191,8 @@ def test_node_removal_releases_its_refs(engine: Engine) -> None:
         c.execute(insert(N).values(id="n2"))
     mine = _acquire(engine, S1, B1, node="n1")
     theirs = _acquire(engine, S1, B2, node="n2")
-    assert remove_node(engine, "n1") is True
+    assert remove_node(engine, "n1") == [S1]  # the snapshots for the tombstone finaliser (SNAP-14)
+    assert remove_node(engine, "n1") is None  # gone already
     by_id = {r["id"]: r for r in _rows(engine)}
     assert (by_id[mine]["status"], by_id[mine]["release_reason"]) == ("RELEASED", "node removed")
     assert by_id[theirs]["status"] == "ACTIVE"

@@ -1,10 +1,10 @@
-"""The presence decision of one node (GC-11, GC-12): pure logic over replica rows, mirrored
+"""The presence decision of one node (GC-11, GC-12): pure logic over replica and snapshot rows, mirrored
 catalog entries and artifact rows."""
 from __future__ import annotations
 
 from typing import Any
 
-from coordinator.presence import decide
+from coordinator.presence import decide, decide_snapshots
 
 NOW = 1_000_000
 GRACE = 10_000
@@ -67,3 +67,42 @@ def test_copies_become_placements_or_strays() -> None:
     f = decide("n1", [], entries, rows, {art(2)}, now_ms=NOW, grace_ms=GRACE)
     assert f.placements == [art(1)]
     assert f.strays == [art(3), art(4), art(5), art(8)]
+
+
+def snap(i: int) -> str:
+    return f"snap-{i:024x}"
+
+
+def snapshot(i: int, status: str = "READY", node: str = "n1", updated: int = 0) -> dict[str, Any]:
+    return {"id": snap(i), "node_id": node, "status": status, "updated_ms": updated}
+
+
+def snap_entry(i: int) -> dict[str, Any]:
+    return {"kind": "snapshot", "id": snap(i), "body": {"state": "ready"}}
+
+
+def test_a_ready_snapshot_missing_from_its_origin_catalog_is_missing() -> None:
+    """GC-11: a READY snapshot of this node that its catalog does not list → missing; one it
+    lists, one on another node, one inside the grace and FAILED/DELETING/DELETED rows are not."""
+    rows = {s["id"]: s for s in (snapshot(1), snapshot(2), snapshot(3, node="n2"), snapshot(4, updated=NOW - 5),
+                                 snapshot(5, "FAILED"), snapshot(6, "DELETING"), snapshot(7, "DELETED"),
+                                 snapshot(8, "CREATING"))}
+    missing, unknown = decide_snapshots("n1", rows, [snap_entry(2), copy(1)], now_ms=NOW, grace_ms=GRACE)
+    assert missing == [snap(1)]
+    assert unknown == []
+
+
+def test_the_grace_ends_for_snapshots_too() -> None:
+    """GC-11: once the grace is over a fresh READY snapshot still not listed is missing."""
+    rows = {snap(4): snapshot(4, updated=NOW - GRACE)}
+    assert decide_snapshots("n1", rows, [], now_ms=NOW, grace_ms=GRACE) == ([snap(4)], [])
+
+
+def test_catalog_snapshots_without_a_row_are_listed_for_removal() -> None:
+    """GC-11: a catalog snapshot entry with no row in any status → removal; a CREATING row (a
+    create in flight), a DELETED tombstone, a FAILED row or another node's row keep theirs."""
+    rows = {s["id"]: s for s in (snapshot(1, "CREATING"), snapshot(2, "DELETED"), snapshot(3, "FAILED"),
+                                 snapshot(4, node="n2"))}
+    entries = [snap_entry(i) for i in (1, 2, 3, 4, 9, 8)] + [{"kind": "replica", "id": snap(7), "body": {}}]
+    missing, unknown = decide_snapshots("n1", rows, entries, now_ms=NOW, grace_ms=GRACE)
+    assert (missing, unknown) == ([], [snap(8), snap(9)])
