@@ -24,6 +24,7 @@ from protocol.errors import InvalidRequest, ReplicaIncompatible, RuntimeFailed, 
 from ..catalog import ARTIFACT_KIND, REPLICA_KIND, SANDBOX_KIND, Catalog
 from ..tasks import TaskContext
 from .driver import RuntimeDriver, VmSpec
+from .memstate import MemoryReplicaInstaller
 from .snapshots import SnapshotService
 
 log = logging.getLogger("sandboxes")
@@ -54,7 +55,7 @@ class SandboxService:
     def handlers(self) -> dict[str, Any]:
         return {"CREATE_SANDBOX": self.create_task, "DESTROY_SANDBOX": self.destroy_task,
                 "CONSOLE_SANDBOX": self.console_task, "PREPARE_REPLICA": self.prepare_replica_task,
-                **self.snapshots.handlers()}
+                **self.snapshots.handlers(), **MemoryReplicaInstaller(self).handlers()}  # DIST-8
 
     # --- start-up: re-attach (RT-15, RT-16, GC-14) -------------------------------------------
 

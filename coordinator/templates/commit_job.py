@@ -17,7 +17,8 @@ Steps, each idempotent:
     REGISTER    REGISTERING 70: the ``rootfs`` artifact row READY with the origin's placement,
                 the origin replica READY with pins (DIST-7)
     DISTRIBUTE  DISTRIBUTING 75, only when there are other targets: CREATE's fan-out (DIST-2
-                to DIST-7), the origin as the first source
+                to DIST-7), the origin as the first source; matching targets also get the
+                memstate (DIST-8)
     PUBLISH     CREATING_TEMPLATE 85 → READY, PARTIALLY_READY or FAILED as CREATE (TPL-14 to
                 TPL-16), keeping the inherited runtime config
 
@@ -36,10 +37,16 @@ other choice, a job-derived id, would break CONV-1 (ids from fingerprints) and d
 (TPL-23): the export's pause also captures device state and memory, kept on the origin node as
 the template's memory snapshot (the origin replica ``has_memory_snapshot``; sandboxes there
 resume the committed guest) and registered as a ``memstate`` artifact (fingerprint: sha256
-over its files' sha256s, TPL-25) placed on the origin. The memstate is not distributed yet:
-every other target gets a rootfs-only replica and cold-boots — DIST-8's rule for
-non-matching targets, applied to all (the agents have no task yet that installs a fetched
-memstate as a replica). Snapshot sources and ``--rootfs-only`` give rootfs templates.
+over its files' sha256s, TPL-25) placed on the origin. DIST-8: in DISTRIBUTE, once a target
+holds the rootfs, it gets the memstate too when its current versions equal the origin's pins
+under STRICT (guest image, agent, hypervisor, host kernel) and its accelerator and CPU flags
+hash equal the origin's (``memory_refusal``): FETCH_ARTIFACT under a grant as for the rootfs,
+a placement, then INSTALL_MEMORY_REPLICA (agent/runtime/memstate.py) makes it the node's
+memory snapshot, pinned to the origin's versions and facts so the agent's COMPAT-7 check at
+restore stays the safety net; the replica is READY ``has_memory_snapshot`` with the
+``memstate_artifact_id``. Other targets (build-only nodes, other versions or facts, or a
+failed memstate fetch or install) get rootfs-only replicas and cold-boot. Snapshot sources
+and ``--rootfs-only`` give rootfs templates.
 
 On failure after the export (TPL-25): the template's replica rows go; unless another template
 uses the artifact, REMOVE_ARTIFACT runs on every node with a copy (the origin always, 1 min
@@ -59,6 +66,7 @@ from protocol.errors import (InvalidAlias, InvalidRequest, NodeUnavailable, Sand
                              SnapshotNotFound, SnapshotNotReady, TCError, TemplateAttemptInProgress, Timeout)
 from protocol.fingerprints import artifact_id
 
+from ..compat.evaluate import Compat, Policy, evaluate
 from ..db.models import Snapshot
 from ..health import Health
 from ..jobs.base import JobContext
@@ -173,6 +181,27 @@ def plan_commit(services: Services, request: Mapping[str, Any]) -> dict[str, Any
     return {"spec": spec.to_dict(), "runtime_config": src["runtime_config"], "origin": origin}
 
 
+# --- DIST-8: who gets the memory ----------------------------------------------------------------
+
+MEMORY_FACTS = ("accelerator", "cpu_flags_hash")   # COMPAT-1: what a memstate pins besides versions
+
+
+def memory_refusal(pins: Mapping[str, Any] | None, facts: Mapping[str, Any] | None, current: Mapping[str, Any],
+                   node_facts: Mapping[str, Any], *, node_ready: bool) -> str | None:
+    """DIST-8: None if a target may get the commit's memstate — its current versions equal the
+    origin's pins under STRICT with the host kernel (COMPAT-2/COMPAT-3 give OK; UNKNOWN, an
+    empty value on either side, refuses too) and its accelerator and CPU flags hash equal the
+    origin's — else why not."""
+    verdict = evaluate(Policy.STRICT, pins, current, node_ready=node_ready, has_memory_snapshot=True)
+    if verdict is not Compat.OK:
+        return f"versions {verdict}"
+    for name in MEMORY_FACTS:
+        pinned, here = str((facts or {}).get(name) or ""), str(node_facts.get(name) or "")
+        if not pinned or pinned != here:
+            return f"{name} {pinned!r} ≠ {here!r}"
+    return None
+
+
 # --- the job (TPL-24, TPL-25) -------------------------------------------------------------------
 
 class CommitJob(CreateJob):
@@ -245,15 +274,84 @@ class CommitJob(CreateJob):
 
     async def step_distribute(self, ctx: JobContext) -> None:
         if any(n != ctx.state["origin"] for n in ctx.state["targets"]):
-            await super().step_distribute(ctx)  # DISTRIBUTING 75 (DIST-8: rootfs only)
+            await super().step_distribute(ctx)  # DISTRIBUTING 75; the memstate per DIST-8
 
     async def _prepare_replica(self, ctx: JobContext, tpl: dict[str, Any], node: str,
                                art_id: str) -> dict[str, Any] | None:
-        """Memory mode: the origin's memory snapshot was taken with the export (TPL-24); no other
-        node gets one — memory is not distributed, so they cold-boot (DIST-8)."""
-        if node == ctx.state.get("origin") and ctx.state.get("memory"):
-            return dict(ctx.state["memory"])
-        return {"has_memory_snapshot": False}
+        """Memory mode (DIST-8): the origin's memory snapshot was taken with the export
+        (TPL-24). Another target whose current versions equal the origin's pins under STRICT,
+        with the same accelerator and CPU flags hash, gets the ``memstate`` artifact (fetched
+        like the rootfs, DIST-4/DIST-5; placed, DIST-6) and INSTALL_MEMORY_REPLICA makes it its
+        memory snapshot; the replica then pins the origin's versions with
+        ``has_memory_snapshot`` (DIST-7). Any other target — or one whose memstate fetch or
+        install fails — keeps a rootfs-only replica and cold-boots."""
+        memory = ctx.state.get("memory") or {}
+        if node == ctx.state.get("origin") and memory:
+            return dict(memory)
+        mem = memory.get("memstate")
+        if not mem:
+            return {"has_memory_snapshot": False}
+        fleet = self.services.fleet
+        n = fleet.registry.nodes.get(node)
+        refusal = memory_refusal(memory.get("pins"), memory.get("facts"), fleet.versions(node),
+                                 (n.facts if n is not None else None) or {},
+                                 node_ready=fleet.health(node) is Health.READY)
+        if refusal is not None:
+            log.info("job %s: %s stays rootfs-only on %s (DIST-8: %s)", ctx.job_id, tpl["id"], node, refusal)
+            return {"has_memory_snapshot": False}
+        try:
+            await self._fetch_memstate(ctx, mem, node)
+            ctx.state.setdefault("memory_nodes", [])
+            if node not in ctx.state["memory_nodes"]:
+                ctx.state["memory_nodes"].append(node)  # cleanup removes its replica files (TPL-25)
+                await ctx.save()
+            res = await ctx.run_task(node, "INSTALL_MEMORY_REPLICA",
+                                     {"template_id": tpl["id"], "artifact_id": art_id,
+                                      "memstate_artifact_id": mem["artifact_id"], "pins": memory.get("pins") or {},
+                                      "facts": memory.get("facts") or {}}, step="INSTALL_MEMORY_REPLICA")
+        except TCError as exc:
+            log.warning("job %s: memory snapshot of %s on %s not installed, rootfs only: %s", ctx.job_id,
+                        tpl["id"], node, exc.message)
+            return {"has_memory_snapshot": False}
+        if not res.get("has_memory_snapshot"):
+            return {"has_memory_snapshot": False}
+        await ctx.db(self.services.rows.replica, tpl["id"], node, memstate_artifact_id=mem["artifact_id"])
+        return {"has_memory_snapshot": True, "pins": res.get("pins") or memory.get("pins") or {}}
+
+    async def _fetch_memstate(self, ctx: JobContext, mem: Mapping[str, Any], target: str) -> None:
+        """The memstate artifact onto ``target`` with CREATE's machinery (DIST-4, DIST-5): a
+        grant on a source holding a verified copy (the origin first, then targets that got
+        it), FETCH_ARTIFACT on the target, a failed source replaced up to ``max_attempts``;
+        the target's placement on success (DIST-6). Nothing to fetch if it holds a copy."""
+        rows = self.services.rows
+        mid, origin = mem["artifact_id"], ctx.state.get("origin")
+        art = await ctx.db(rows.artifact, mid)
+        if art is None or art["status"] != "READY":
+            raise TCError(f"memstate artifact {mid} is not ready for distribution", {"artifact_id": mid})
+        holders = await self._holders(ctx, art, [target])
+        if target in holders:
+            await ctx.db(rows.placement, mid, target)
+            return
+        sources = sorted(holders, key=lambda s: (s != origin, s))
+        if not sources:
+            raise NodeUnavailable(f"no node holds a verified copy of {mid}", {"node": target})
+        last: TCError | None = None
+        for try_no in range(self.services.max_attempts):
+            source = sources[try_no % len(sources)]
+            try:
+                await self._transfer_memstate(ctx, art, source, target, try_no)
+                return
+            except TCError as exc:
+                last = exc
+                log.warning("job %s: memstate %s → %s failed: %s", ctx.job_id, source, target, exc.message)
+                if isinstance(exc, NodeUnavailable) and exc.details.get("node") == target:
+                    break
+        assert last is not None
+        raise last
+
+    async def _transfer_memstate(self, ctx: JobContext, art: Mapping[str, Any], source: str, target: str,
+                                 try_no: int) -> None:
+        await self._fetch(ctx, art, source, target, try_no, step="DISTRIBUTE:MEMSTATE")
 
     async def _runtime_config(self, ctx: JobContext, tpl: dict[str, Any]) -> dict[str, Any] | None:
         return None  # inherited at submission (TPL-23): PUBLISH keeps it
@@ -265,12 +363,14 @@ class CommitJob(CreateJob):
         not touched."""
         exp, origin, tpl_id = ctx.state.get("exported"), ctx.state.get("origin"), ctx.job["resource_id"]
         mem = (ctx.state.get("memory") or {}).get("memstate")
-        if ctx.state.get("memory") and origin:  # the memory snapshot kept for this template
+        # The memory snapshots kept (origin) or installed (DIST-8 targets) for this template.
+        kept = [origin] if ctx.state.get("memory") and origin else []
+        for node in kept + list(ctx.state.get("memory_nodes") or []):
             try:
-                await self._timed(ctx, origin, "REMOVE_REPLICA", {"template_id": tpl_id}, self.cleanup_timeout,
+                await self._timed(ctx, node, "REMOVE_REPLICA", {"template_id": tpl_id}, self.cleanup_timeout,
                                   step="CLEANUP:REPLICA")
             except TCError as exc:
-                log.warning("job %s: removing the memory snapshot on %s failed: %s", ctx.job_id, origin, exc.message)
+                log.warning("job %s: removing the memory snapshot on %s failed: %s", ctx.job_id, node, exc.message)
         if exp and origin:
             for aid in [exp["artifact_id"], *([mem["artifact_id"]] if mem else [])]:
                 await self._release(ctx, aid, origin, tpl_id)

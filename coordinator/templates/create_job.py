@@ -318,6 +318,13 @@ class CreateJob(JobType):
             await self._counts(ctx)
 
     async def _transfer(self, ctx: JobContext, art: dict[str, Any], source: str, target: str, try_no: int) -> None:
+        await self._fetch(ctx, art, source, target, try_no)
+        await self._replica_ready(ctx, ctx.job["resource_id"], target, art["id"])
+
+    async def _fetch(self, ctx: JobContext, art: Mapping[str, Any], source: str, target: str, try_no: int,
+                     step: str = "DISTRIBUTE") -> None:
+        """One copy under a grant (DIST-4, DIST-5): FETCH_ARTIFACT on the target, then its
+        placement (DIST-6)."""
         if self.services.grant is None:
             raise NodeUnavailable("artifact transfer is not available on this coordinator", {"node": target})
         grant = await self.services.grant(source, art["id"], target)
@@ -325,9 +332,8 @@ class CreateJob(JobType):
                 "source": {"node": source, "endpoint": self.services.fleet.blob_endpoint(source),
                            "key": grant.get("source_key", "")},
                 "token": grant["token"]}
-        await ctx.run_task(target, "FETCH_ARTIFACT", args, try_no=try_no, step="DISTRIBUTE")
+        await ctx.run_task(target, "FETCH_ARTIFACT", args, try_no=try_no, step=step)
         await ctx.db(self.services.rows.placement, art["id"], target)
-        await self._replica_ready(ctx, ctx.job["resource_id"], target, art["id"])
 
     async def _replica_ready(self, ctx: JobContext, tpl_id: str, node: str, art_id: str) -> None:
         """DIST-6/DIST-7: rootfs mode has no snapshot step, so DISTRIBUTED is READY at once. In

@@ -1,9 +1,11 @@
 """`template create --from-sandbox` — the COMMIT job end to end (TPL-23 to TPL-25, DIST-8, TPL-5).
 
-A real coordinator and three real agents. The commit test runs the `qemu` runtime under TCG:
-the guest's command writes /committed (and syncs) on its first boot, or prints what it finds
-there when the file already exists, so a sandbox from the committed template shows the
-committed file on its console. The refusal test runs on `none`-driver agents.
+A real coordinator and real agents. The commit test runs three agents with the `qemu` runtime
+under TCG — node-a and node-b alike, node-c reporting another guest image version — and a
+build-only `none` agent, node-d: the guest's command writes /committed (and syncs) on its first
+boot, or prints what it finds there when the file already exists, so a cold-booted sandbox from
+the committed template shows the committed file on its console, and one resumed from the
+committed memory goes on ticking instead. The refusal test runs on `none`-driver agents.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from tests.support import HAVE_QEMU, NEEDS_QEMU, Cluster, qemu_agent_extra, wait
 GUEST = ('if [ -e /committed ]; then echo "found $(cat /committed)"; '
          'else echo commit-me > /committed; sync; echo wrote; fi; '
          'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done')
-NODES = ("node-a", "node-b", "node-c")
+NODES = ("node-a", "node-b", "node-c", "node-d")
+MEMORY_NODES = ("node-a", "node-b")   # DIST-8: node-c's guest image differs, node-d has no sandboxes
 
 
 def guest_archive(imports: Path) -> str:
@@ -51,7 +54,7 @@ def mirrored(db_url: str, artifact_id: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
-    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", grace="0s")
+    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", grace="0s", lease_ttl_min="10s")
     try:
         yield c
     finally:
@@ -59,26 +62,31 @@ def cluster(tmp_path: Path) -> Any:
 
 
 @pytest.mark.skipif(not HAVE_QEMU, reason=NEEDS_QEMU)
-def test_commit_running_sandbox_to_three_nodes(cluster: Cluster, tmp_path: Path) -> None:
-    """TPL-23, TPL-24, TPL-25, DIST-8, TPL-5: a sandbox that wrote /committed is committed with
-    --nodes on all three nodes → the COMMIT job passes SNAPSHOTTING and ends READY 100; the
-    template (source commit, memory mode, the sandbox's runtime config) is READY with three
-    READY replicas, only the origin's with a memory snapshot, from which a sandbox there resumes
-    the guest (restore memory); the memstate artifact (fingerprint over its files' sha256s) is
-    READY and placed on the origin only; the artifact is `rootfs`, its id the fingerprint of {kind: flat,
-    sha256}, with the same verified sha256 in all three nodes' catalogs; a sandbox from it on
-    another node boots with the committed file; the source sandbox keeps running; the same
-    request id returns the same job. A READY snapshot of the sandbox commits onto a node that is
-    not its origin (TPL-23's snapshot source: its runtime config inherited)."""
+def test_commit_running_sandbox_to_four_nodes(cluster: Cluster, tmp_path: Path) -> None:
+    """TPL-23, TPL-24, TPL-25, DIST-6, DIST-8, COMPAT-1, TPL-5: a sandbox that wrote /committed
+    is committed with --nodes on all four nodes → the COMMIT job passes SNAPSHOTTING and ends
+    READY 100; the template (source commit, memory mode, the sandbox's runtime config) is READY
+    with four READY replicas; DIST-8: the memstate artifact (fingerprint over its files' sha256s)
+    goes to node-b, whose versions and facts equal the origin's — placed on node-a and node-b,
+    verified in both catalogs — and node-b's replica has the memory snapshot (its row naming the
+    memstate, pinned to the origin's versions), from which a sandbox there resumes the committed
+    guest (restore memory, ticking, the first lines not run again), as on the origin; node-c
+    (another guest image) and node-d (build-only) get rootfs-only replicas, and a sandbox on
+    node-c cold-boots with the committed file; the rootfs artifact's id is the fingerprint of
+    {kind: flat, sha256}, with the same verified sha256 in all four nodes' catalogs; the source
+    sandbox keeps running; the same request id returns the same job. A READY snapshot of the
+    sandbox commits onto a node that is not its origin (TPL-23's snapshot source: its runtime
+    config inherited)."""
     from protocol.canonical import digest
     from protocol.fingerprints import artifact_id
     imports = tmp_path / "import"
     ref = guest_archive(imports)
     cluster.start_coordinator()
     for node in NODES:
-        cluster.start_agent(node, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1",
-                                   *qemu_agent_extra()])
-    wait_for(lambda: all(cluster.health().get(n) == "READY" for n in NODES), 60, "three READY nodes")
+        runtime = {"node-c": [*qemu_agent_extra(), "agent.versions.guest_image=another-guest"],
+                   "node-d": []}.get(node, qemu_agent_extra())
+        cluster.start_agent(node, [f'image.local_roots=["{imports}"]', "task.progress_interval=0.1", *runtime])
+    wait_for(lambda: all(cluster.health().get(n) == "READY" for n in NODES), 60, "four READY nodes")
     doc = cluster.ok("template", "create", "--image", ref, "--builder", "node-a", "--nodes", "node-a",
                      "--alias", "base", "--memory-mib", "128", "--writable-size", "16M", "--wait", timeout=180)
     assert doc["job"]["status"] == "READY", doc
@@ -105,30 +113,37 @@ def test_commit_running_sandbox_to_three_nodes(cluster: Cluster, tmp_path: Path)
     assert tpl["source"] == "commit" and tpl["spec"]["snapshot_mode"] == "memory", tpl
     assert tpl["runtime_config"]["entrypoint"] == ["/bin/sh", "-c", GUEST]
     reps = sorted((r["node_id"], r["status"], r["phase"], r["has_memory_snapshot"]) for r in tpl["replicas"])
-    assert reps == [(n, "READY", "READY", n == "node-a") for n in NODES], tpl["replicas"]
+    assert reps == [(n, "READY", "READY", n in MEMORY_NODES) for n in NODES], tpl["replicas"]
 
     art = cluster.ok("artifact", "show", job["artifact_id"])["artifact"]
     assert art["kind"] == "rootfs" and art["status"] == "READY", art
     assert art["fingerprint"] == digest({"kind": "flat", "sha256": art["sha256"]})
     assert art["artifact_id"] == artifact_id(art["fingerprint"])
-    copies = wait_for(lambda: (m := mirrored(cluster.db_url, art["artifact_id"])) and len(m) == 3 and m,
-                      30, "the export in three catalogs")
+    copies = wait_for(lambda: (m := mirrored(cluster.db_url, art["artifact_id"])) and len(m) == 4 and m,
+                      30, "the export in four catalogs")
     assert {n: (b.get("state"), b.get("sha256")) for n, b in copies.items()} == \
         {n: ("verified", art["sha256"]) for n in NODES}, copies
 
-    # TPL-24, TPL-25: the memstate artifact, placed on the origin only (not distributed).
-    from coordinator.db.models import Template
+    # TPL-24, TPL-25, DIST-8: the memstate artifact, placed on the nodes matching the origin.
+    from coordinator.db.models import Replica, Template
     engine = create_engine(cluster.db_url)
     with engine.connect() as conn:
         mid = conn.execute(select(Template.memstate_artifact_id).where(Template.id == tpl["template_id"])).scalar()
+        rows = {r.node_id: r for r in conn.execute(select(Replica.__table__)
+                                                    .where(Replica.template_id == tpl["template_id"]))}
     engine.dispose()
+    assert {n: r.memstate_artifact_id for n, r in rows.items()} == \
+        {n: (mid if n in MEMORY_NODES else None) for n in NODES}, rows
+    assert rows["node-b"].pins == rows["node-a"].pins and rows["node-b"].compat == "OK", rows["node-b"]
     mem = cluster.ok("artifact", "show", mid)["artifact"]
-    assert (mem["kind"], mem["status"], [p["node_id"] for p in mem["placements"]]) == \
-        ("memstate", "READY", ["node-a"]), mem
+    assert (mem["kind"], mem["status"], sorted(p["node_id"] for p in mem["placements"])) == \
+        ("memstate", "READY", list(MEMORY_NODES)), mem
     assert mem["artifact_id"] == artifact_id(mem["fingerprint"]) and mem["sha256"] == mem["fingerprint"]
-    body = wait_for(lambda: mirrored(cluster.db_url, mid).get("node-a"), 30, "the memstate in node-a's catalog")
-    assert body["state"] == "verified" and mem["fingerprint"] == digest(
-        {"kind": "memstate", "files": [{"name": f["name"], "sha256": f["sha256"]} for f in body["files"]]})
+    held = wait_for(lambda: (m := mirrored(cluster.db_url, mid)) and len(m) == 2 and m, 30,
+                    "the memstate in node-a's and node-b's catalogs")
+    for body in held.values():
+        assert body["state"] == "verified" and mem["fingerprint"] == digest(
+            {"kind": "memstate", "files": [{"name": f["name"], "sha256": f["sha256"]} for f in body["files"]]})
 
     # A READY snapshot of the same sandbox commits too (its frozen disk), here onto node-c only.
     snap = cluster.ok("snapshot", "create", sid, timeout=120)
@@ -140,15 +155,16 @@ def test_commit_running_sandbox_to_three_nodes(cluster: Cluster, tmp_path: Path)
     assert [(r["node_id"], r["status"]) for r in tpl2["replicas"]] == [("node-c", "READY")], tpl2
     assert tpl2["runtime_config"] == tpl["runtime_config"] and tpl2["source"] == "commit"
 
-    other = cluster.ok("sandbox", "create", "--template", "committed", "--node", "node-b", timeout=180)["sandbox"]
-    assert other["node_id"] == "node-b"
-    wait_for(lambda: console(other["sandbox_id"], "found commit-me"), 60, "the committed file on node-b")
+    other = cluster.ok("sandbox", "create", "--template", "committed", "--node", "node-c", timeout=180)["sandbox"]
+    assert other["node_id"] == "node-c" and other["restore"] == "cold", other  # DIST-8: rootfs only
+    wait_for(lambda: console(other["sandbox_id"], "found commit-me"), 60, "the committed file on node-c")
 
-    # Memory mode on the origin: a sandbox there resumes the committed guest (its ticks go on).
-    warm = cluster.ok("sandbox", "create", "--template", "committed", "--node", "node-a", timeout=120)["sandbox"]
-    assert warm["restore"] == "memory", warm
-    out = wait_for(lambda: console(warm["sandbox_id"], "tick"), 30, "the resumed guest ticking on node-a")
-    assert "found" not in out, out  # resumed mid-loop: the guest's first lines never run again
+    # Memory mode on the origin and on node-b (DIST-8): a sandbox resumes the committed guest.
+    for node in MEMORY_NODES:
+        warm = cluster.ok("sandbox", "create", "--template", "committed", "--node", node, timeout=120)["sandbox"]
+        assert (warm["node_id"], warm["restore"]) == (node, "memory"), warm
+        out = wait_for(lambda: console(warm["sandbox_id"], "tick"), 30, f"the resumed guest ticking on {node}")
+        assert "found" not in out and "wrote" not in out, out  # resumed mid-loop: no first lines again
 
     source = cluster.ok("sandbox", "show", sid)["sandbox"]
     assert source["state"] == "RUNNING", source  # TPL-24: the source runs on
