@@ -236,12 +236,7 @@ class Sandboxes:
                "vcpus": int(sizes.get("vcpus") or 1), "memory_mib": int(sizes.get("memory_mib") or 512),
                "restore": "snapshot", "state": "CREATING", "exit_code": None, "last_error": "",
                "created_ms": now, "updated_ms": now}
-        if await asyncio.to_thread(insert_record, self.engine, rec):  # written before any task (RT-19)
-            return rec, True
-        other = await asyncio.to_thread(record_by_request, self.engine, request_id)
-        if other is None:
-            raise TCError(f"sandbox request {request_id} could not be recorded", {"request_id": request_id})
-        return other, False
+        return await self._record(rec)
 
     async def _new(self, request_id: str, want: str, template: str, node: str | None, name: str,
                    wait_ready: bool) -> tuple[dict[str, Any], bool]:
@@ -272,11 +267,17 @@ class Sandboxes:
                "vcpus": int(spec.get("vcpus") or 1), "memory_mib": int(spec.get("memory_mib") or 512),
                "restore": "memory" if cand.replica.has_memory_snapshot else "cold", "state": "CREATING",
                "exit_code": None, "last_error": "", "created_ms": now, "updated_ms": now}
-        if await asyncio.to_thread(insert_record, self.engine, rec):  # written before any task (RT-19)
+        return await self._record(rec)
+
+    async def _record(self, rec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Write the record before any task (RT-19); a concurrent retry that won the insert
+        (same request id) gives its record instead."""
+        if await asyncio.to_thread(insert_record, self.engine, rec):
             return rec, True
-        other = await asyncio.to_thread(record_by_request, self.engine, request_id)
+        other = await asyncio.to_thread(record_by_request, self.engine, rec["request_id"])
         if other is None:
-            raise TCError(f"sandbox request {request_id} could not be recorded", {"request_id": request_id})
+            raise TCError(f"sandbox request {rec['request_id']} could not be recorded",
+                          {"request_id": rec["request_id"]})
         return other, False
 
     def _reasons(self, entry: Any, node: str) -> list[dict[str, str]]:

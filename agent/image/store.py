@@ -80,3 +80,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """The files directly in ``path`` and the directory itself are durable before the rename
+    that publishes them (CAT-8)."""
+    for p in path.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(path)

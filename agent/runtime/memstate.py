@@ -38,7 +38,7 @@ from protocol import ids
 from protocol.errors import InvalidRequest
 
 from ..catalog import ARTIFACT_KIND, REPLICA_KIND
-from ..image.store import ROOTFS
+from ..image.store import ROOTFS, fsync_dir, fsync_tree
 from ..storage import check_writable
 from ..tasks import TaskContext
 from . import disks
@@ -94,7 +94,7 @@ class MemoryReplicaInstaller:
                 _link(disk, dest / DISK)
                 meta = self._meta(mem["meta.json"])
                 (dest / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-                _fsync_tree(dest)
+                fsync_tree(dest)
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise
@@ -103,7 +103,7 @@ class MemoryReplicaInstaller:
             if final.exists():
                 os.rename(final, old)
             os.rename(dest, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
             files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(final.iterdir()) if p.is_file()]
             body = {"artifact_id": aid, "memstate_artifact_id": mid, "memory": True, "pins": pins, "facts": facts,
@@ -167,22 +167,3 @@ def _strings(value: Any, field: str, names: tuple[str, ...]) -> dict[str, str]:
             not all(isinstance(v, str) and len(v) <= 256 for v in value.values()):
         raise InvalidRequest(f"{field} must map {', '.join(names)} to strings", {"field": field, "reason": "format"})
     return {k: value[k] for k in names}
-
-
-def _fsync_tree(d: Path) -> None:
-    for p in d.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

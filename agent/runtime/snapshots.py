@@ -31,7 +31,7 @@ from protocol.errors import (InvalidRequest, SandboxNotFound, SandboxNotRunning,
                              SnapshotNotFound, SnapshotSandboxMismatch)
 
 from ..catalog import ARTIFACT_KIND, REPLICA_KIND, SANDBOX_KIND, SNAPSHOT_KIND
-from ..image.store import ROOTFS, Store, check_artifact_id, fsync_dir
+from ..image.store import ROOTFS, Store, check_artifact_id, fsync_dir, fsync_tree
 from ..storage import check_writable
 from ..tasks import TaskContext
 from . import disks
@@ -102,9 +102,9 @@ class SnapshotService:
             try:
                 ctx.progress({"phase": "SNAPSHOTTING"})
                 res = self.driver.snapshot(sid, str(tmp))
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 os.rename(tmp, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -191,7 +191,7 @@ class SnapshotService:
             for path in (self.dir(snap), self.root / f"{snap}.new"):
                 shutil.rmtree(path, ignore_errors=True)
             if self.root.is_dir():
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             if entry is not None:
                 self.catalog.delete(SNAPSHOT_KIND, snap)
             log.info("snapshot %s removed%s", snap, "" if entry else " (it was already gone)")
@@ -277,7 +277,7 @@ class SnapshotService:
                     log.info("%s exported as %s: an identical copy is already here, kept", snap or sid, aid)
                 else:  # the same bytes already here under their name are kept (they may back replicas)
                     done = None
-                    _fsync_tree(staged)
+                    fsync_tree(staged)
                     final = store.artifact_dir(aid)
                     if final.exists():  # a stale copy of an interrupted export of this id
                         shutil.rmtree(final)
@@ -320,7 +320,7 @@ class SnapshotService:
         size = sum(int(f["size"]) for f in files)
         existing = self.catalog.get(ARTIFACT_KIND, mid)
         if existing is None or existing["body"].get("state") != "verified" or existing["body"].get("sha256") != fingerprint:
-            _fsync_tree(staged)
+            fsync_tree(staged)
             final = store.artifact_dir(mid)
             if final.exists():
                 shutil.rmtree(final)
@@ -340,11 +340,11 @@ class SnapshotService:
         root = self.sb.replica_root
         root.mkdir(parents=True, exist_ok=True)
         files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(shot.iterdir()) if p.is_file()]
-        _fsync_tree(shot)
+        fsync_tree(shot)
         final = root / template_id
         shutil.rmtree(final, ignore_errors=True)  # files without an entry never count (CAT-8)
         os.rename(shot, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         meta = json.loads((final / "meta.json").read_text())
         versions, facts = self.sb._versions(), self.sb._facts()
         pins = {k: versions.get(k, "") for k in PIN_NAMES}
@@ -392,23 +392,3 @@ def _id(kind: str, value: Any, field: str, shape: str) -> str:
     if not ids.valid(kind, value):
         raise InvalidRequest(f"{field} {str(value)[:80]!r} is not {shape}", {"field": field, "reason": "format"})
     return str(value)
-
-
-def _fsync_tree(d: Path) -> None:
-    """CAT-8: the files are durable before the rename that publishes them."""
-    for p in d.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

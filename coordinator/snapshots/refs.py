@@ -94,20 +94,18 @@ def acquire(conn: Any, *, snapshot_id: str, sandbox_id: str, node_id: str, gener
 def release_sandbox(engine: Any, sandbox_id: str, reason: str = DESTROYED, now_ms: int | None = None) -> list[str]:
     """SNAP-19: release every ACTIVE ref of the sandbox; returns the affected snapshot ids
     (sorted, unique) for the tombstone finaliser (SNAP-14)."""
-    now_ms = _now_ms() if now_ms is None else now_ms
-    with _tx(engine) as c:
-        rows = c.execute(select(RR.c.id, RR.c.snapshot_id).where(RR.c.sandbox_id == sandbox_id,
-                                                                  RR.c.status == ACTIVE)).all()
-        _release(c, [r.id for r in rows], reason, now_ms)
-    return sorted({r.snapshot_id for r in rows})
+    return _release_all(engine, RR.c.sandbox_id == sandbox_id, reason, now_ms)
 
 
 def release_node(conn: Any, node_id: str, reason: str = NODE_REMOVED, now_ms: int | None = None) -> list[str]:
     """NODE-14: release every ACTIVE ref of a removed node (in the removal's transaction)."""
+    return _release_all(conn, RR.c.node_id == node_id, reason, now_ms)
+
+
+def _release_all(engine_or_conn: Any, which: Any, reason: str, now_ms: int | None) -> list[str]:
     now_ms = _now_ms() if now_ms is None else now_ms
-    with _tx(conn) as c:
-        rows = c.execute(select(RR.c.id, RR.c.snapshot_id).where(RR.c.node_id == node_id,
-                                                                  RR.c.status == ACTIVE)).all()
+    with _tx(engine_or_conn) as c:
+        rows = c.execute(select(RR.c.id, RR.c.snapshot_id).where(which, RR.c.status == ACTIVE)).all()
         _release(c, [r.id for r in rows], reason, now_ms)
     return sorted({r.snapshot_id for r in rows})
 
