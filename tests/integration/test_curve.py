@@ -8,8 +8,17 @@ import os
 import shutil
 import stat
 
+import pytest
+
 from protocol import keys as curve
 from tests.support import Cluster, wait_for
+
+
+@pytest.fixture
+def cluster(sqlite_cluster: Cluster) -> Cluster:
+    """SQLite only: the key store these tests drive is tested on both backends in
+    test_key_registry.py, and each run here takes seconds (the suite's time budget)."""
+    return sqlite_cluster
 
 
 def keys_by_node(c: Cluster) -> dict[str, dict]:

@@ -1,7 +1,9 @@
 """tcctl against real coordinator and agent processes: drain, remove, JSON shapes, exit codes,
 completion (NODE-4, NODE-6, NODE-14, CLI-1..CLI-5, WIRE-19).
 
-Each test runs on SQLite and PostgreSQL (the ``cluster`` fixture). Every wait polls with a
+Node removal runs on SQLite and PostgreSQL (the ``cluster`` fixture); the other tests read
+no backend-specific state and run on SQLite (``sqlite_cluster``: the suite's time budget; the
+stores they touch are tested on both backends elsewhere). Every wait polls with a
 deadline. ``drain --wait`` timing out needs a node whose sandboxes never stop, which the
 ``none`` runtime cannot produce yet: that path is covered in-process in
 tests/unit/test_cli_parser.py.
@@ -61,9 +63,10 @@ def snake_keys(doc: Any, path: str = "") -> list[str]:
     return bad
 
 
-def test_drain_idempotent_lists_remaining_wait_and_uncordon(cluster: Cluster) -> None:
+def test_drain_idempotent_lists_remaining_wait_and_uncordon(sqlite_cluster: Cluster) -> None:
     """NODE-4, NODE-6, CLI-2, CLI-3: drain sets DRAINING (persisted, idempotent, not placeable),
     returns what remains; --wait returns at once with no sandbox; uncordon → ACTIVE."""
+    cluster = sqlite_cluster
     cluster.start_coordinator()
     cluster.start_agent("n1")
     wait_for(lambda: ready(cluster, "n1"), 30, "n1 READY")
@@ -171,9 +174,10 @@ EXPECTED_KEYS: dict[str, set[str]] = {
 }
 
 
-def test_every_command_json_is_one_document_with_spec_names(cluster: Cluster) -> None:
+def test_every_command_json_is_one_document_with_spec_names(sqlite_cluster: Cluster) -> None:
     """CLI-1, CLI-2, CLI-5: every registered command's --json output is one JSON document, the
     result or {error:{code,name,message,details}}, with spec (snake_case) field names."""
+    cluster = sqlite_cluster
     cluster.start_coordinator()
     cluster.start_agent("n1")
     wait_for(lambda: ready(cluster, "n1"), 30, "n1 READY")
@@ -215,9 +219,10 @@ COMP_WORDS=(tcctl node show "" --endpoint {cluster.admin}); COMP_CWORD=3; _tcctl
     assert out.stdout.split() == ["n1"], out
 
 
-def test_exit_codes(cluster: Cluster) -> None:
+def test_exit_codes(sqlite_cluster: Cluster) -> None:
     """CLI-1: 0 ok, 1 coordinator error, 2 usage (invalid id, unknown option), 4 unreachable —
     each with one JSON document under --json."""
+    cluster = sqlite_cluster
     cluster.start_coordinator()
     rc, doc = cluster.tcctl("node", "list")
     assert rc == 0 and doc["nodes"] == []
