@@ -197,3 +197,24 @@ def test_stuck_rows_and_listing(engine: Engine, ops: SnapshotOps) -> None:
     assert (top["runtime_ref_count"], top["runtime_ref_sandboxes"]) == (1, [SBX])
     with engine.connect() as c:
         assert c.execute(select(SN.c.id).where(SN.c.status == "DELETED")).first() is None
+
+
+def test_caller_cap_is_timeout_with_the_job_id(engine: Engine, ops: SnapshotOps) -> None:
+    """SNAP-5: a job still not terminal at the caller's cap → Timeout naming the job id; the
+    job itself is untouched (it runs on in the runner); READY → the job's result; FAILED → the
+    job's own error by name."""
+    ops.op_timeout = 0.3
+    job = ops._submit_create("req-t", SBX, "", {"sandbox": SBX, "name": ""})
+    e = err(lambda: asyncio.run(ops._follow(job["id"])))
+    assert e.name == "Timeout" and e.details["job_id"] == job["id"] and job["id"] in e.message
+    assert ops.jobs.get_job(job["id"])["status"] == "PENDING"
+    with engine.begin() as c:
+        c.execute(update(J).where(J.c.id == job["id"]).values(
+            status="FAILED", error={"name": "SandboxNotRunning", "message": "sandbox stopped"}))
+    e = err(lambda: asyncio.run(ops._follow(job["id"])))
+    assert (e.name, e.message, e.details["job_id"]) == ("SandboxNotRunning", "sandbox stopped", job["id"])
+    with engine.begin() as c:
+        c.execute(update(J).where(J.c.id == job["id"]).values(status="READY", error=None,
+                                                              step_state={"result": {"snapshot_id": "x"}}))
+    got = asyncio.run(ops._follow(job["id"]))
+    assert got["snapshot_id"] == "x" and got["job"]["status"] == "READY"
