@@ -72,7 +72,8 @@ def last(cluster: Cluster, sid: str) -> tuple[int, str, str] | None:
 def test_snapshot_create_rollback_delete(cluster: Cluster, tmp_path: Path) -> None:
     """SNAP-1..SNAP-6: a snapshot of a running sandbox, idempotent by request id with the SPEC
     messages; SNAP-2/SNAP-7: a rollback while a snapshot job is active on the sandbox is refused;
-    SNAP-5: that job, whose caller went away, still ends READY.
+    SNAP-5: that job, whose caller went away, still ends READY; TPL-31: a coordinator crash
+    after the agent's snapshot step resumes the job to READY.
     SNAP-8..SNAP-10, RT-14: rollback → the counter resumes from the snapshot's value, /pre
     (before) is there, /post (after) is gone, generation 1. SNAP-18: a sandbox created from the
     snapshot holds an ACTIVE ref. SNAP-11/SNAP-12: delete with ACTIVE refs → tombstone, hidden
@@ -218,9 +219,22 @@ def test_snapshot_create_rollback_delete(cluster: Cluster, tmp_path: Path) -> No
     wait_for(lambda: refs(s2)[-1]["last_error"] == "" or None, 60, "the ref refreshed by the node's report")
     assert refs(s2)[-1]["status"] == "ACTIVE" and refs(s2)[-1]["sandbox_id"] == sc
 
-    # SNAP-15, SNAP-16: above reject, snapshot create and rollback are refused; delete works.
+    # TPL-31 for snapshot jobs: the coordinator dies right after the snapshot step is persisted;
+    # restarted, the job resumes at REGISTER (the re-sent task answers from the agent's record).
     cluster.coordinator.stop()
     saved = list(cluster.coord_extra)
+    cluster.coord_extra = [*saved, "job.test_crash_after_step=SNAPSHOT"]
+    cluster.start_coordinator()
+    wait_for(lambda: cluster.health().get("node-q") == "READY", 60, "node-q back")
+    cluster.tcctl("snapshot", "create", sc, "--name", "crash", timeout=3)  # its caller loses the answer
+    wait_for(lambda: not cluster.coordinator.alive() or None, 60, "the injected coordinator crash")
+    cluster.coord_extra = saved
+    cluster.start_coordinator()
+    wait_for(lambda: [s for s in cluster.ok("snapshot", "list", "--name", "crash")["snapshots"]
+                      if s["status"] == "READY"] or None, 60, "the resumed snapshot READY")
+
+    # SNAP-15, SNAP-16: above reject, snapshot create and rollback are refused; delete works.
+    cluster.coordinator.stop()
     cluster.coord_extra = [*saved, "storage.warn=0.5", "storage.reject=1", "storage.delete_only=99"]
     cluster.start_coordinator()
     wait_for(lambda: cluster.ok("storage", "status")["nodes"][0]["mode"] == "reject" or None, 60, "mode reject")
