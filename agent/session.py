@@ -14,15 +14,16 @@ the previous coordinator. The loop has three nested levels:
 
 Every send is non-blocking: with IMMEDIATE a DEALER without a live connection refuses to
 queue, and a dropped beat is better than a wedged loop — liveness notices a dead link.
+
+What a live session reports (heartbeats, versions, runtime refs, catalog snapshots and
+deltas) is in :mod:`agent.session_sync`; its value types are in :mod:`agent.session_state`.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import zmq
 import zmq.asyncio
@@ -35,21 +36,24 @@ from protocol.daemon import configure_socket
 from protocol.envelope import FrameDropped, parse
 from protocol.errors import TCError, UnsupportedMessage
 from protocol.message import Message, decode_message
-from protocol.messages import (CatalogDelta, CatalogSnapshot, Error, Grant, Heartbeat, HeartbeatAck, Hello, Revoke,
-                               RuntimeRefs, Task, TaskAccepted, TaskCancel, TaskResult, TokenGrant, Versions,
-                               Welcome)
+from protocol.messages import (Error, Grant, HeartbeatAck, Hello, Revoke, Task, TaskAccepted, TaskCancel, TaskResult,
+                               TokenGrant, Welcome)
 
 from . import facts as host
 from .backoff import Backoff
 from .catalog import Catalog, CatalogFeed
 from .config import AgentConfig
 from .runtime_refs import RefsReport
+from .session_state import Foreign, HelloInfo, Leave, MsgIds, _Live
+from .session_sync import DELTA_COALESCE, MAX_PAGE, SessionSync
 from .tasks import TaskRunner
 
 if TYPE_CHECKING:
     from .transfer import TransferService
 
 log = logging.getLogger("session")
+# The value types and constants moved to session_state/session_sync stay importable from here.
+__all__ = ["DELTA_COALESCE", "MAX_PAGE", "Foreign", "HelloInfo", "Leave", "MsgIds", "Session"]
 _HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -57,71 +61,9 @@ _EVENT_NAMES = {int(getattr(zmq, f"EVENT_{n}")): n for n in (
     "CONNECTED", "DISCONNECTED", "HANDSHAKE_SUCCEEDED", "HANDSHAKE_FAILED_AUTH", "HANDSHAKE_FAILED_PROTOCOL",
     "HANDSHAKE_FAILED_NO_DETAIL")}
 
-MAX_PAGE = 1000  # CatalogSnapshot.entries accepts at most this many (CAT-5)
-DELTA_COALESCE = 0.5  # s: changes within this window go out as one CATALOG_DELTA (CAT-4)
 
 
-@dataclass(frozen=True, slots=True)
-class Leave:
-    """Why a connection ended and where to go next: "next", "same" or an endpoint (HA-4)."""
-    reason: str
-    goto: str = "next"
-
-
-@dataclass(frozen=True, slots=True)
-class Foreign:
-    """A frame in another major of the protocol (``TC<n>``, WIRE-1)."""
-    got: str
-
-
-@dataclass
-class _Live:
-    """State of one live session (after WELCOME)."""
-    session_id: str
-    interval: float
-    liveness: float
-    first_msg: int          # our msg counter at its HELLO: replies to older ids are stale
-    versions_digest: str    # last versions digest the coordinator has (HELLO or VERSIONS)
-    beat_seq: int = 0
-    next_beat: float = 0.0
-    last_heard: float = 0.0
-    # Snapshot pages and deltas must not interleave: the feed's cursor moves with what was sent.
-    catalog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    lost_logged: bool = False
-    refs_sent: str = ""     # digest of the last RUNTIME_REFS sent ("" = none: the empty report)
-
-
-class MsgIds:
-    """``msg_id`` = random per-process prefix + counter: unique per sender, even across restarts (WIRE-4)."""
-
-    def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6)
-        self.count = 0
-
-    def next(self) -> str:
-        self.count += 1
-        return f"{self.prefix}-{self.count}"
-
-    def number(self, msg_id: str | None) -> int | None:
-        """The counter of one of our ids, None for an id we did not make."""
-        head, _, n = (msg_id or "").partition("-")
-        return int(n) if head == self.prefix and n.isdigit() else None
-
-
-@dataclass
-class HelloInfo:
-    """What HELLO carries besides facts, versions and catalog (those are read per HELLO)."""
-    node_id: str
-    blob_endpoint: str
-    labels: dict[str, str]
-    capabilities: dict[str, bool]
-    reconcile: dict[str, Any]
-    boot_ms: int
-    facts: Callable[[], dict[str, Any]] = field(repr=False)
-    sandboxes: Callable[[], int] = field(default=lambda: 0, repr=False)  # RUNNING ones, for heartbeats
-
-
-class Session:
+class Session(SessionSync):
     """Runs until cancelled; cancellation closes the socket with the configured linger."""
 
     def __init__(self, cfg: AgentConfig, ctx: zmq.asyncio.Context, catalog: Catalog,
@@ -389,10 +331,6 @@ class Session:
             else:
                 self._unexpected(msg, "in session")
 
-    def _liveness(self, interval: float) -> float:
-        configured = self._cfg.agent.liveness
-        return configured if configured is not None else max(10.0, 5 * interval)
-
     def _on_error(self, endpoint: str, live: _Live, err: Error) -> Leave | Literal["rehello", "keep"]:
         """An ERROR during the session: keep going, HELLO again (WIRE-11) or leave."""
         if err.name == "SessionUnknown":
@@ -408,98 +346,6 @@ class Session:
         log.warning("%s sent ERROR %s (parent %s): %s", endpoint, err.name, err.parent_id, err.message)
         return "keep"
 
-    async def _beat(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
-        await self._flush_catalog(sock, live)  # so the beat's catalog seq is one the mirror can have
-        versions = await self._current_versions()
-        digest = canonical.digest(versions)
-        if digest != live.versions_digest:  # WIRE-9: the full map only when it changed
-            if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
-                                               versions=versions, digest=digest)):
-                live.versions_digest = digest
-        refs, refs_digest = self._refs.current()
-        if refs_digest != live.refs_sent:  # WIRE-9: the full report only when it changed
-            await self._send_refs(sock, live, refs, refs_digest)
-        ident = self._catalog.identity()
-        live.beat_seq += 1
-        beat = Heartbeat(msg_id=self._ids.next(), session_id=live.session_id, seq=live.beat_seq,
-                         catalog_seq=ident.seq, catalog_digest=ident.digest, versions_digest=digest,
-                         refs_digest=refs_digest, storage=host.storage(self._cfg.agent.state_dir),
-                         mem_free=host.mem_free(), sandboxes=self._info.sandboxes())
-        if await self._send(sock, beat):
-            self.counters["heartbeat"] += 1
-
-    async def _on_ack(self, sock: zmq.asyncio.Socket, live: _Live, ack: HeartbeatAck) -> None:
-        if ack.interval is not None and ack.interval / 1000 != live.interval:
-            last_beat = live.next_beat - live.interval
-            live.interval = ack.interval / 1000
-            live.liveness = self._liveness(live.interval)
-            live.next_beat = last_beat + live.interval
-            log.info("heartbeat interval now %gs, liveness %gs", live.interval, live.liveness)
-        for want in ack.wants or ():
-            if want == "catalog":
-                await self._send_catalog(sock, live)
-            elif want == "versions":
-                versions = await self._current_versions()
-                digest = canonical.digest(versions)
-                if await self._send(sock, Versions(msg_id=self._ids.next(), session_id=live.session_id,
-                                                   versions=versions, digest=digest)):
-                    live.versions_digest = digest
-            elif want == "refs":  # the complete report, asked for (SNAP-19, SNAP-20)
-                await self._send_refs(sock, live, *self._refs.current())
-
-    async def _send_refs(self, sock: zmq.asyncio.Socket, live: _Live, refs: list[dict[str, Any]],
-                         digest: str) -> None:
-        if await self._send(sock, RuntimeRefs(msg_id=self._ids.next(), session_id=live.session_id,
-                                              refs=refs, digest=digest)):
-            live.refs_sent = digest
-            self.counters["runtime_refs"] += 1
-
-    async def _send_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
-        """CAT-5: pages of ≤ page_size entries, all tagged with the snapshot's (epoch, seq);
-        deltas continue from that seq, after the last page."""
-        async with live.catalog_lock:
-            snap = self._feed.snapshot()
-            live.lost_logged = False
-            pages = list(snap.pages(self._page_size))
-            for number, entries in enumerate(pages):
-                await self._send(sock, CatalogSnapshot(
-                    msg_id=self._ids.next(), session_id=live.session_id, epoch=snap.identity.epoch,
-                    seq=snap.identity.seq, page=number, last=number == len(pages) - 1, entries=entries,
-                    digest=snap.identity.digest))
-        self.counters["catalog_snapshot"] += 1
-        log.info("catalog snapshot sent: seq %d, %d entries, %d page(s)",
-                 snap.identity.seq, len(snap.entries), len(pages))
-
-    async def _pump_deltas(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
-        """CAT-4: after a change, wait DELTA_COALESCE for more, then send them as one delta."""
-        assert self._changed is not None
-        while True:
-            await self._changed.wait()
-            await asyncio.sleep(DELTA_COALESCE)
-            self._changed.clear()  # a change from now on sets it again and gets its own round
-            await self._flush_catalog(sock, live)
-
-    async def _flush_catalog(self, sock: zmq.asyncio.Socket, live: _Live) -> None:
-        """Send the changes the coordinator's mirror lacks, if the journal still has them.
-        If not (overflow), send nothing: the beats disagree with the mirror and the coordinator
-        asks for a snapshot (CAT-5)."""
-        async with live.catalog_lock:
-            delta = self._feed.pending()
-            if delta is None:
-                if self._feed.lost and not live.lost_logged:
-                    live.lost_logged = True
-                    log.info("catalog changes after seq %s are no longer journaled: the coordinator will "
-                             "ask for a snapshot", self._feed.cursor)
-                return
-            msg = CatalogDelta(msg_id=self._ids.next(), session_id=live.session_id, epoch=delta.epoch,
-                               from_seq=delta.from_seq, to_seq=delta.to_seq, upserts=delta.upserts,
-                               deletes=delta.deletes, digest=delta.digest)
-            if await self._send(sock, msg):
-                self._feed.sent(delta)
-                self.counters["catalog_delta"] += 1
-                log.debug("catalog delta sent: seq %d→%d, %d upserts, %d deletes", delta.from_seq,
-                          delta.to_seq, len(delta.upserts), len(delta.deletes))
-
     async def _on_task(self, sock: zmq.asyncio.Socket, task: Task) -> None:
         if self._tasks is not None:
             self.counters["task"] += 1
@@ -514,11 +360,6 @@ class Session:
                                           error=err.to_wire()))
 
     # --- plumbing -------------------------------------------------------------------
-
-    async def _current_versions(self) -> dict[str, str]:
-        if self._versions.due():  # at most every 30 s, or after SIGHUP; QEMU is forked off-loop
-            return await asyncio.to_thread(self._versions.refresh)
-        return self._versions.get()
 
     async def _send(self, sock: zmq.asyncio.Socket, msg: Message) -> bool:
         try:
