@@ -8,7 +8,8 @@ becomes a template on all three agents — built once, copied agent to agent —
 snapshot); then the compat matrix and the storage status, and a sandbox restored from that
 snapshot: its console; a snapshot of the running sandbox, which runs on; a rollback (the
 console goes back to the snapshot's tick); a commit of the sandbox to a new template on all
-three nodes, the compat matrix again, and the clean-up.
+three nodes, the compat matrix again, a sandbox from the committed template (it goes on from
+the committed state), and the clean-up.
 On a terminal it keeps running until Ctrl-C; otherwise (CI, pipes) it stops by itself.
 `make demo-stop` (scripts/demo.py --stop) stops a demo left running elsewhere.
 """
@@ -166,6 +167,12 @@ def snapshot_rollback_commit(sid: str) -> None:
          "--wait", "--request-id", f"demo-commit-{int(time.time())}", timeout=600)
     show("template", "show", "demo-commit")
     show("compat", "matrix")
+    made = call("sandbox", "create", "--template", "demo-commit", "--request-id", f"demo-from-commit-{int(time.time())}",
+                timeout=300)["sandbox"]
+    print(f"sandbox {made['sandbox_id']} {made['state']} on {made['node_id']}, restore {made['restore']}", flush=True)
+    wait(lambda: len(ticks(made["sandbox_id"])) >= 2, 60, "the committed sandbox's console")
+    print(f"demo: it goes on from the committed sandbox's state: ticks {ticks(made['sandbox_id'])[:4]}", flush=True)
+    show("sandbox", "destroy", made["sandbox_id"], timeout=60)
     show("sandbox", "destroy", sid, timeout=60)
     show("snapshot", "delete", snap["snapshot_id"], "--request-id", f"demo-snap-del-{int(time.time())}",
          timeout=120)
