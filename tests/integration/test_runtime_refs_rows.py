@@ -27,6 +27,7 @@ from protocol import codec
 from protocol.canonical import catalog_digest, digest
 from protocol.messages import Heartbeat, Hello, RuntimeRefs
 from protocol.peers import PeerTable
+from tests.support import async_wait_for
 
 RR, SN, SB, N, E = (RuntimeRef.__table__, Snapshot.__table__, Sandbox.__table__, Node.__table__,
                     NodeCatalogEntry.__table__)
@@ -285,10 +286,7 @@ def test_heartbeat_wants_refs_and_the_handler_applies_reports(engine: Engine) ->
             good = RuntimeRefs(msg_id="r1", session_id=w.session_id, refs=items, digest=_report(items))
             ep.handle(good.to_frames(b"n1"))
             assert beat(3, _report(items)) is None  # that report is on its way: not asked again
-            for _ in range(200):
-                if finalised:
-                    break
-                await asyncio.sleep(0.02)
+            await async_wait_for(lambda: finalised, 10, "the finaliser called with the released snapshot")
             assert finalised == [[S2]] and n.refs_digest == _report(items)
             assert beat(4, _report(items)) is None
             assert beat(5, "").wants == ["refs"]  # the node's refs changed: ask
