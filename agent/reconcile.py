@@ -4,14 +4,16 @@ store before the first HELLO. It deletes nothing.
 * **Missing**: an ``artifact`` entry whose files (``body.files``: ``{name, size}``) are not all
   under ``store/artifacts/<id>/`` with their sizes, a ``layer`` entry whose blob
   ``store/layers/sha256/<hex>`` is absent or of another size, an ``orphan`` entry whose
-  quarantined path is gone — and every ``partial`` artifact (a fetch in progress: no task is
+  quarantined path is gone, a ``snapshot`` entry whose files are gone, resized or whose removal
+  was interrupted — and every ``partial`` artifact (a fetch in progress: no task is
   live at start) — are removed from the catalog and listed in ``missing``.
 * **Resume state is kept**: ``store/artifacts/<id>.partial/`` holding a fetch resume record
   (``.progress.json``) stays where it is, because a re-sent FETCH_ARTIFACT resumes from it
   (WIRE-14, WIRE-17) — only its ``partial`` entry goes.
 * **Orphans**: anything else under the managed store (``store/artifacts``,
-  ``store/layers/sha256``) that no entry lists — a stray file, an artifact directory without
-  an entry, a file an entry does not list — moves to ``<state_dir>/quarantine/<same relative
+  ``store/layers/sha256``, ``snapshots``) that no entry lists — a stray file, an artifact or
+  snapshot directory without an entry (an interrupted snapshot's ``<id>.new``), a file an
+  entry does not list — moves to ``<state_dir>/quarantine/<same relative
   path>`` (a rename: same filesystem) and gets a catalog entry of kind ``orphan`` (id = the
   path under ``quarantine/``), mirrored like any other, so the coordinator sees it (CAT-6).
 
@@ -44,7 +46,9 @@ log = logging.getLogger("reconcile")
 PARTIAL = ".partial"          # agent/transfer.py: <id>.partial/ while a fetch runs
 RESUME_RECORD = ".progress.json"
 QUARANTINE = "quarantine"
-MANAGED = ("store/artifacts", "store/layers/sha256")  # relative to the state dir
+# Relative to the state dir. A snapshot directory no entry lists (an interrupted SNAPSHOT's
+# ``<id>.new``, or files whose entry was dropped) is quarantined like any other stray.
+MANAGED = ("store/artifacts", "store/layers/sha256", "snapshots")
 REPORT_LIMIT = 1000           # entries per HELLO.reconcile list; the log has the rest
 _LAYER_ID = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _ORPHAN_ID = re.compile(r"[!-~]{1,256}\Z")
@@ -79,6 +83,8 @@ def startup_reconcile(catalog: "Catalog", state_dir: str | Path, now_ms: int | N
             why = _check_layer(root, entry, keep)
         elif kind == SNAPSHOT_KIND:
             why = _check_snapshot(root, entry)
+            if why is None:
+                keep.add(f"snapshots/{entry['id']}")
         elif kind == ORPHAN_KIND:
             path = body.get("path")
             if not isinstance(path, str) or not _inside(root, path) or not os.path.lexists(root / path):
@@ -100,7 +106,7 @@ def _check_snapshot(root: Path, entry: "Entry") -> str | None:
     sid, body = entry["id"], entry["body"]
     if "/" in sid or sid.startswith("."):
         return "its id is not a store name"
-    if body.get("removing"):
+    if body.get("state") == "removing" or body.get("removing"):
         return "its removal was interrupted"
     for f in body.get("files") or []:
         name = f.get("name") if isinstance(f, dict) else None

@@ -128,7 +128,9 @@ def test_unprintable_names_get_a_hashed_id(state: Path) -> None:
 
 def test_snapshots_with_missing_or_resized_files_are_removed(state: Path) -> None:
     """CAT-3, RT-12: a sandbox snapshot entry whose files are intact stays; one with a file gone,
-    one with a file of another size and one whose removal was interrupted are reported missing."""
+    one with a file of another size and one whose removal was interrupted are reported missing;
+    their directories, and an interrupted snapshot's ``<id>.new``, no entry lists: quarantined,
+    nothing deleted."""
     cat = Catalog.open(str(state))
     for sid in ("snap-" + "1" * 24, "snap-" + "2" * 24, "snap-" + "3" * 24, "snap-" + "4" * 24):
         d = state / "snapshots" / sid
@@ -139,8 +141,16 @@ def test_snapshots_with_missing_or_resized_files_are_removed(state: Path) -> Non
                                   "files": [{"name": "memory.img", "size": 8}, {"name": "state.mig", "size": 4}]})
     (state / "snapshots" / ("snap-" + "2" * 24) / "state.mig").unlink()
     (state / "snapshots" / ("snap-" + "3" * 24) / "memory.img").write_bytes(b"m")
-    cat.put("snapshot", "snap-" + "4" * 24, {**cat.get("snapshot", "snap-" + "4" * 24)["body"], "removing": True})
+    cat.put("snapshot", "snap-" + "4" * 24, {**cat.get("snapshot", "snap-" + "4" * 24)["body"], "state": "removing"})
+    leftover = state / "snapshots" / ("snap-" + "5" * 24 + ".new")
+    leftover.mkdir()
+    (leftover / "memory.img").write_bytes(b"half")
     report = startup_reconcile(cat, state, now_ms=5)
     assert sorted(e["id"] for e in report.missing) == ["snap-" + "2" * 24, "snap-" + "3" * 24, "snap-" + "4" * 24]
     assert [e["id"] for e in cat.entries("snapshot")] == ["snap-" + "1" * 24]
-    assert (state / "snapshots" / ("snap-" + "3" * 24) / "memory.img").exists()  # nothing deleted
+    assert (state / "snapshots" / ("snap-" + "1" * 24) / "memory.img").exists()
+    assert sorted(report.orphans) == sorted(f"snapshots/snap-{c * 24}" for c in "234") + [
+        "snapshots/snap-" + "5" * 24 + ".new"]
+    # Nothing deleted: the files are under quarantine/ with their relative paths.
+    assert (state / "quarantine" / "snapshots" / ("snap-" + "3" * 24) / "memory.img").read_bytes() == b"m"
+    assert (state / "quarantine" / "snapshots" / ("snap-" + "5" * 24 + ".new") / "memory.img").read_bytes() == b"half"
