@@ -81,6 +81,8 @@ def job_info(job: Mapping[str, Any]) -> dict[str, Any]:
         "nodes": {"expected": job["nodes_expected"], "ready": job["nodes_ready"],
                   "failed": job["nodes_failed"], "pending": job["nodes_pending"]},
         "cancel_requested": bool(job["cancel_requested"]),
+        # What a snapshot job answered its caller (SNAP-5, SNAP-12: {tombstoned, refs}); None for others.
+        "result": (job["step_state"] or {}).get("result"),
         "created_ms": job["created_ms"], "started_ms": job["started_ms"],
         "last_progress_ms": job["last_progress_ms"], "finished_ms": job["finished_ms"],
     }

@@ -13,7 +13,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from coordinator.db.models import Job, Node, NodeCatalogEntry, Sandbox, Snapshot
-from coordinator.jobs.store import JobStore
+from coordinator.jobs.store import JobStore, job_info
 from coordinator.snapshots import refs, rows
 from coordinator.snapshots.service import SnapshotOps
 from coordinator.templates.rows import Rows
@@ -137,6 +137,7 @@ def test_delete_tombstone_finaliser_and_gc(engine: Engine, ops: SnapshotOps) -> 
     assert job["status"] == "READY" and job["step_state"]["result"] == {
         "snapshot_id": s1, "deleted": True, "tombstoned": True, "refs": [OTHER]}
     assert rows.get(engine, s1)["status"] == "DELETED"
+    assert job_info(job)["result"]["tombstoned"] is True  # `job show` carries it (SNAP-12)
     assert err(ops.show, s1).name == "SnapshotNotFound"
     assert s1 not in [s["snapshot_id"] for s in ops.list(status="DELETED")["snapshots"]]
     assert rows.finalizable(engine) == []
