@@ -69,6 +69,7 @@ bench: deps
 	$(PY) tests/bench/build.py
 	$(PY) tests/bench/distribution.py
 	$(PY) tests/bench/sandbox.py
+	$(PY) tests/bench/snapshot.py
 
 clean:
 	rm -rf .demo .pytest_cache .hypothesis
