@@ -68,6 +68,10 @@ class RuntimeConfig:
     probe_timeout: Duration = Duration(120.0)
     migrate_timeout: Duration = Duration(60.0)
     kill_after: Duration = Duration(10.0)
+    # How long an export or snapshot waits for the guest to answer "sync" on its sync port
+    # before pausing (TPL-24: page-cache data must reach the exported disk); on a timeout, or a
+    # VM without the port, it warns and goes on. 0 = do not ask.
+    guest_sync_timeout: Duration = Duration(5.0)
     replica_vm_destroy_timeout: Duration = Duration(30.0)
     mem_reserve: Size = Size(256 << 20)
     max_sandboxes: int = 64

@@ -10,6 +10,8 @@
 # TC_ARGV, TC_ENVARGS, TC_WORKDIR, TC_USER, TC_PROBE written by agent/runtime/guest.py.
 # Control channel: lines on /dev/hvc0 (virtio-console) — "started", "ready", "exited CODE",
 # "failed REASON". The workload's stdout/stderr go to /dev/console (ttyS0, the console log).
+# Sync port: /dev/hvc1, where the agent asks "sync" before it pauses the VM to export or
+# snapshot its disk (TPL-24: page-cache data must reach the disk); the init answers "synced".
 B=/bin/busybox
 [ "$1" = stage2 ] && B=/dev/.tc/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -79,10 +81,32 @@ probe() {
     esac
 }
 
+# The sync port's loop, in the background: never in the way of the command, the probe or the
+# power-off. hvc1 may appear a little after hvc0 (the port is added by a control message);
+# a VM without it gives up after 10 s. The tty echo is turned off so the agent reads answers.
+syncer() {
+    i=0
+    while [ ! -e /dev/hvc1 ]; do
+        i=$((i + 1))
+        [ $i -gt 100 ] && return 0
+        $B usleep 100000
+    done
+    while :; do
+        {
+            $B stty -echo <&3
+            while read -r line <&3; do
+                case "$line" in sync*) $B sync; echo synced >&3 ;; esac
+            done
+        } 3<>/dev/hvc1
+        $B sleep 1
+    done
+}
+
 stage2() {
     $B mount -t proc proc /proc
     $B mount -t sysfs sys /sys
     . /dev/.tc/config.env
+    syncer </dev/null >/dev/null 2>&1 &
     if [ -z "$TC_ARGV" ]; then  # RT-8: no command — idle
         ctl started
         ctl ready

@@ -177,7 +177,8 @@ class QemuDriver(QemuSnapshots):
         append = APPEND if self.accel == "kvm" else f"{APPEND} {TCG_CLOCK}"
         meta = {"vm_id": spec.vm_id, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "accel": self.accel,
                 "kernel": self.image.kernel, "initramfs": self.image.initramfs, "append": append,
-                "disk": disk, "format": fmt, "memory": str(self._mem_path(spec.vm_id)), "restored": False}
+                "disk": disk, "format": fmt, "memory": str(self._mem_path(spec.vm_id)), "restored": False,
+                "sync_port": True}
         t0 = time.monotonic()
         self._launch(d, meta, incoming=False)
         return self._wait_ready(spec.vm_id, t0, probe_timeout, meta)
@@ -222,6 +223,13 @@ class QemuDriver(QemuSnapshots):
                 "-device", "virtio-serial-device", "-device", "virtconsole,chardev=ctl",
                 "-chardev", f"socket,id=qmp,path={self._qmp_name(meta['vm_id'])},abstract=on,server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control", "-pidfile", str(d / "qemu.pid")]
+        if meta.get("sync_port"):
+            # The sync port (TPL-24): hvc1 in the guest, where the init answers "sync". Only
+            # for VMs booted with it: a restore needs the snapshot's device set (RT-11), and
+            # one taken before the port existed has a single console port.
+            i = argv.index("virtconsole,chardev=ctl") + 1
+            argv[i:i] = ["-chardev", f"socket,id=sync,path={self._sync_name(meta['vm_id'])},abstract=on,"
+                         "server=on,wait=off", "-device", "virtconsole,chardev=sync"]
         if meta["accel"] == "kvm":
             argv[3:3] = ["-cpu", "host"]
         if incoming:
@@ -388,6 +396,10 @@ class QemuDriver(QemuSnapshots):
 
     def _qmp_name(self, vm_id: str) -> str:
         return f"tc-{self._ns}-{vm_id}"
+
+    def _sync_name(self, vm_id: str) -> str:
+        """The sync port's abstract socket (TPL-24), named like the QMP one."""
+        return f"tc-{self._ns}-{vm_id}-sync"
 
     def _qmp(self, vm_id: str, connect_timeout: float = 10.0) -> Qmp:
         return Qmp("\0" + self._qmp_name(vm_id), connect_timeout, lambda: self.alive(vm_id))

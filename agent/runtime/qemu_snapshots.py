@@ -12,6 +12,7 @@ import json
 import logging
 import shlex
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -43,6 +44,7 @@ class QemuSnapshots:
         def _launch(self, d: Path, meta: dict[str, Any], incoming: bool) -> None: ...
         def _tails(self, vm_id: str) -> dict[str, str]: ...
         def _qmp(self, vm_id: str, connect_timeout: float = 10.0) -> Qmp: ...
+        def _sync_name(self, vm_id: str) -> str: ...
 
     # --- restore (RT-11) -------------------------------------------------------------------
 
@@ -60,7 +62,8 @@ class QemuSnapshots:
         disk, fmt = disks.layer(disks.disk_mode(self.rt.disk_mode, str(d)), str(snap / "disk.raw"), str(d))
         shutil.copyfile(snap / "config.img", d / "config.img")
         meta = {**{k: smeta[k] for k in ("vcpus", "memory_mib", "accel", "kernel", "initramfs", "append")},
-                "vm_id": vm_id, "disk": disk, "format": fmt, "memory": str(mem), "restored": True}
+                "vm_id": vm_id, "disk": disk, "format": fmt, "memory": str(mem), "restored": True,
+                "sync_port": bool(smeta.get("sync_port"))}  # the snapshot's device set (RT-11)
         self._launch(d, meta, incoming=True)
         try:
             with self._qmp(vm_id) as q:
@@ -104,8 +107,11 @@ class QemuSnapshots:
 
     def snapshot(self, vm_id: str, dest_dir: str) -> dict[str, Any]:
         """Pause, write device state + memory + frozen disk into ``dest_dir``, continue.
-        Returns {files, pause_ms}. A failure still tries ``cont`` and names its stage."""
+        Returns {files, pause_ms}. A failure still tries ``cont`` and names its stage.
+        The guest syncs first: the memory image holds its page cache, but the frozen disk
+        alone becomes a rootfs too (a memory-mode commit's export, a commit from a snapshot)."""
         d, meta, dest = self._copy_target(vm_id, dest_dir)
+        self._sync_guest(vm_id, meta)
 
         def disk() -> None:
             disks.freeze(str(d / meta["disk"]), meta["format"], str(dest / "disk.raw"))
@@ -132,6 +138,8 @@ class QemuSnapshots:
 
         pause_ms = self._paused(vm_id, "snapshot", steps)
         smeta = {k: meta[k] for k in ("vcpus", "memory_mib", "accel", "kernel", "initramfs", "append")}
+        if meta.get("sync_port"):
+            smeta["sync_port"] = True
         (dest / "meta.json").write_text(json.dumps(smeta, sort_keys=True))
         files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(dest.iterdir()) if p.is_file()]
         return {"files": files, "pause_ms": pause_ms}
@@ -162,8 +170,9 @@ class QemuSnapshots:
     def export(self, vm_id: str, dest_dir: str) -> dict[str, Any]:
         """RT-14 export (commit): while paused, a standalone raw ext4 of the guest-visible disk
         as ``dest_dir/rootfs.ext4`` (layers merged), then continue. Returns {files, pause_ms}.
-        What the guest has not written back from its page cache is not in it."""
+        The guest is asked to sync first, so what it wrote without ``sync`` is in it too."""
         d, meta, dest = self._copy_target(vm_id, dest_dir)
+        self._sync_guest(vm_id, meta)
 
         def steps(_q: Qmp, stage: list[str]) -> None:
             stage[0] = "disk"
@@ -172,3 +181,42 @@ class QemuSnapshots:
         pause_ms = self._paused(vm_id, "export", steps)
         out = dest / "rootfs.ext4"
         return {"files": [{"name": out.name, "size": out.stat().st_size}], "pause_ms": pause_ms}
+
+    # --- guest sync before a pause (TPL-24) -------------------------------------------------
+
+    def _sync_guest(self, vm_id: str, meta: dict[str, Any]) -> None:
+        """Ask the guest init to sync its file systems on the sync port (hvc1) and wait for
+        "synced" ≤ runtime.guest_sync_timeout: QMP ``stop`` flushes QEMU's block layer, not
+        the guest's page cache. Best effort: a VM without the port, a guest that does not
+        answer (its init predates the port) or a timeout only logs a warning."""
+        timeout = float(self.rt.guest_sync_timeout)
+        if timeout <= 0:
+            return
+        if not meta.get("sync_port"):
+            log.warning("%s has no guest sync port: its unsynced writes may be missing", vm_id)
+            return
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        buf = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(timeout)
+                s.connect("\0" + self._sync_name(vm_id))
+                s.sendall(b"sync\n")
+                # The guest's tty may echo the request and ends lines with \r\n.
+                while b"synced" not in buf.replace(b"\r", b"").split(b"\n")[:-1]:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    s.settimeout(left)
+                    chunk = s.recv(256)
+                    if not chunk:
+                        raise ConnectionError("the sync port closed")
+                    buf = buf[-256:] + chunk
+        except TimeoutError:
+            log.warning("%s did not answer sync within %gs: its unsynced writes may be missing", vm_id, timeout)
+            return
+        except OSError as exc:
+            log.warning("cannot ask %s to sync (%s): its unsynced writes may be missing", vm_id, exc)
+            return
+        log.info("%s synced in %d ms", vm_id, int((time.monotonic() - t0) * 1000))

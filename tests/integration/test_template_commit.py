@@ -2,10 +2,11 @@
 
 A real coordinator and real agents. The commit test runs three agents with the `qemu` runtime
 under TCG — node-a and node-b alike, node-c reporting another guest image version — and a
-build-only `none` agent, node-d: the guest's command writes /committed (and syncs) on its first
-boot, or prints what it finds there when the file already exists, so a cold-booted sandbox from
-the committed template shows the committed file on its console, and one resumed from the
-committed memory goes on ticking instead. The refusal test runs on `none`-driver agents.
+build-only `none` agent, node-d: the guest's command writes /committed on its first boot —
+without `sync`: the commit asks the guest to sync before it pauses (TPL-24) — or prints what
+it finds there when the file already exists, so a cold-booted sandbox from the committed
+template shows the committed file on its console, and one resumed from the committed memory
+goes on ticking instead. The refusal test runs on `none`-driver agents.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.layers import Dir, File, Symlink, layer
 from tests.support import HAVE_QEMU, NEEDS_QEMU, Cluster, qemu_agent_extra, wait_for
 
 GUEST = ('if [ -e /committed ]; then echo "found $(cat /committed)"; '
-         'else echo commit-me > /committed; sync; echo wrote; fi; '
+         'else echo commit-me > /committed; echo wrote; fi; '
          'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done')
 NODES = ("node-a", "node-b", "node-c", "node-d")
 MEMORY_NODES = ("node-a", "node-b")   # DIST-8: node-c's guest image differs, node-d has no sandboxes

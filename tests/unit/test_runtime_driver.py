@@ -198,3 +198,19 @@ def test_rollback_and_snapshot_refusals(tmp_path: Path) -> None:
     assert run("REMOVE_SNAPSHOT", snapshot_id=snap) == {"snapshot_id": snap, "removed": True}
     assert svc.catalog.get("snapshot", snap) is None and not (tmp_path / "snapshots" / snap).exists()
     assert run("REMOVE_SNAPSHOT", snapshot_id=snap) == {"snapshot_id": snap, "removed": False}
+
+
+def test_sync_port_only_for_vms_booted_with_it(tmp_path: Path) -> None:
+    """TPL-24, RT-11: the guest-sync console port is in the argv of VMs booted with it (and of
+    restores of their snapshots), never of a restore of a snapshot taken before it existed —
+    a restore needs the snapshot's device set."""
+    from agent.runtime.qemu import QemuDriver
+    drv = QemuDriver(cfg(tmp_path, "runtime.accel=tcg"))
+    meta = {"vm_id": "sbx-" + "1" * 24, "accel": "tcg", "memory_mib": 256, "vcpus": 1, "memory": "/m",
+            "kernel": "/k", "initramfs": "/i", "append": "", "disk": "disk.raw", "format": "raw"}
+    old = drv._argv(tmp_path, meta, incoming=True)
+    new = drv._argv(tmp_path, {**meta, "sync_port": True}, incoming=False)
+    assert "virtconsole,chardev=sync" not in old and old.count("-chardev") == 3
+    i = new.index("virtconsole,chardev=ctl")
+    assert new[i + 1:i + 5] == ["-chardev", new[i + 2], "-device", "virtconsole,chardev=sync"]
+    assert new[i + 2].startswith("socket,id=sync,") and "abstract=on" in new[i + 2]
