@@ -49,9 +49,10 @@ def counter_archive(imports: Path) -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
-    # A long lease: QEMU under TCG loads the two vCPUs, and a SUSPECT flap would refuse a step.
+    # QEMU under TCG loads the two vCPUs: a late beat must not make the node SUSPECT (which would
+    # refuse a step with NodeUnavailable), so SUSPECT takes 4.5 missed beats here, not 2.
     c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", grace="0s", lease_ttl_min="10s",
-                coord_extra=["compat.debounce=1h", "reconcile.interval=1s"])
+                coord_extra=["compat.debounce=1h", "reconcile.interval=1s", "heartbeat.suspect_missed=4.5"])
     try:
         yield c
     finally:

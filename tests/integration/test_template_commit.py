@@ -55,7 +55,9 @@ def mirrored(db_url: str, artifact_id: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
-    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", grace="0s", lease_ttl_min="10s")
+    # SUSPECT only after 4.5 missed beats: four agents and QEMU under TCG share two vCPUs.
+    c = Cluster(root=tmp_path, db_url=f"sqlite:///{tmp_path}/coordinator.db", grace="0s", lease_ttl_min="10s",
+                coord_extra=["heartbeat.suspect_missed=4.5"])
     try:
         yield c
     finally:
