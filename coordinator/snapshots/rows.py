@@ -13,10 +13,12 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from ..db.models import Job, RuntimeRef, Snapshot
+from protocol.errors import SnapshotNotFound, SnapshotNotReady, TemplateAttemptInProgress
+
+from ..db.models import Job, NodeCatalogEntry, RuntimeRef, Snapshot
 from ..jobs import transitions as tr
 
-SN, J, RR = Snapshot.__table__, Job.__table__, RuntimeRef.__table__
+SN, J, RR, E = Snapshot.__table__, Job.__table__, RuntimeRef.__table__, NodeCatalogEntry.__table__
 
 CREATING, READY, FAILED, DELETING, DELETED = "CREATING", "READY", "FAILED", "DELETING", "DELETED"
 STATUSES = (CREATING, READY, FAILED, DELETING, DELETED)
@@ -36,6 +38,28 @@ def get(engine: Engine | Connection, snapshot_id: str) -> dict[str, Any] | None:
         with engine.connect() as c:
             row = c.execute(stmt).mappings().first()
     return dict(row) if row else None
+
+
+def check_source(snapshot_id: str, snap: dict[str, Any] | None) -> dict[str, Any]:
+    """A snapshot usable as a source (rollback, sandbox create, commit), by its status:
+    unknown or a tombstone → SnapshotNotFound (SNAP-12), FAILED → SnapshotNotReady, CREATING
+    or DELETING → TemplateAttemptInProgress (SNAP-8)."""
+    if snap is None or snap["status"] == DELETED:
+        raise SnapshotNotFound(f"snapshot {snapshot_id} not found", {"snapshot": snapshot_id})
+    if snap["status"] == FAILED:
+        raise SnapshotNotReady(f"snapshot {snapshot_id} is FAILED: {snap['last_error']}",
+                               {"snapshot": snapshot_id, "status": FAILED, "last_error": snap["last_error"]})
+    if snap["status"] != READY:
+        raise TemplateAttemptInProgress(f"snapshot {snapshot_id} is {snap['status']}",
+                                        {"snapshot": snapshot_id, "status": snap["status"]})
+    return snap
+
+
+def listed_on_node(engine: Engine, node_id: str, snapshot_id: str) -> bool:
+    """The node's mirrored catalog lists the snapshot (SNAP-8's metadata check)."""
+    with engine.connect() as c:
+        return c.execute(select(E.c.entry_id).where(E.c.node_id == node_id, E.c.kind == "snapshot",
+                                                    E.c.entry_id == snapshot_id)).first() is not None
 
 
 def insert_row(conn: Connection, values: dict[str, Any]) -> None:

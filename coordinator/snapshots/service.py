@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session
 
 from protocol import ids
 from protocol.errors import (InvalidRequest, NodeUnavailable, SandboxNotFound, SandboxNotRunning, SandboxUnsupported,
-                             SnapshotNotFound, SnapshotNotReady, SnapshotReplicaMetadataIncomplete,
+                             SnapshotNotFound, SnapshotReplicaMetadataIncomplete,
                              SnapshotSandboxMismatch, TCError, TemplateAttemptInProgress, Timeout, error_class)
 
+from ..jobs import transitions as tr
 from ..jobs.requests import sanitize_and_digest
 from ..jobs.store import JobStore, job_info
 from ..resolve.index import ResolveIndex
@@ -187,18 +188,8 @@ class SnapshotOps:
     def source(self, snapshot: str) -> dict[str, Any]:
         """A snapshot usable as a source (rollback, sandbox create, commit): SNAP-8, SNAP-12."""
         snapshot = _check_id("snapshot", snapshot, "snapshot")
-        snap = rows.get(self.engine, snapshot)
-        if snap is None or snap["status"] == rows.DELETED:
-            raise SnapshotNotFound(f"snapshot {snapshot} not found", {"snapshot": snapshot})
-        if snap["status"] in (rows.CREATING, rows.DELETING):
-            raise TemplateAttemptInProgress(f"snapshot {snapshot} is {snap['status']}",
-                                            {"snapshot": snapshot, "status": snap["status"]})
-        if snap["status"] == rows.FAILED:
-            raise SnapshotNotReady(f"snapshot {snapshot} is FAILED: {snap['last_error']}",
-                                   {"snapshot": snapshot, "last_error": snap["last_error"]})
-        with self.engine.connect() as c:
-            listed = c.execute(_catalog_has(snap["node_id"], snapshot)).first() is not None
-        if not listed:
+        snap = rows.check_source(snapshot, rows.get(self.engine, snapshot))
+        if not rows.listed_on_node(self.engine, snap["node_id"], snapshot):
             raise SnapshotReplicaMetadataIncomplete(
                 f"node {snap['node_id']}'s catalog does not list snapshot {snapshot}",
                 {"snapshot": snapshot, "node": snap["node_id"]})
@@ -318,7 +309,7 @@ class SnapshotOps:
             raise SnapshotNotFound(f"snapshot {snapshot} not found", {"snapshot": snapshot})
         with self.engine.connect() as c:
             held = refs.active_refs(c, snapshot)
-            listed = c.execute(_catalog_has(snap["node_id"], snapshot)).first() is not None
+        listed = rows.listed_on_node(self.engine, snap["node_id"], snapshot)
         jobs = self.jobs.list_jobs(resource_id=snapshot, limit=10)
         return {**info(snap), "runtime_ref_count": len(held),
                 "runtime_ref_sandboxes": sorted({r["sandbox_id"] for r in held}),
@@ -356,7 +347,6 @@ class SnapshotOps:
         return started
 
     def _fail_stale_deletes(self) -> None:
-        from ..jobs import transitions as tr
         cutoff = rows.now_ms() - int(self.op_timeout * 1000)
         for job in rows.stale_tombstone_jobs(self.engine, cutoff):
             with self.jobs.sessions.begin() as s:
@@ -393,10 +383,3 @@ class SnapshotOps:
                 log.exception("snapshot reconcile pass failed; next pass in %.0fs", self.interval)
             await asyncio.sleep(self.interval)
 
-
-def _catalog_has(node: str, snapshot: str) -> Any:
-    from sqlalchemy import select
-
-    from ..db.models import NodeCatalogEntry
-    c = NodeCatalogEntry.__table__
-    return select(c.c.entry_id).where(c.c.node_id == node, c.c.kind == "snapshot", c.c.entry_id == snapshot)

@@ -59,18 +59,16 @@ import asyncio
 import logging
 from typing import Any, ClassVar, Mapping
 
-from sqlalchemy import select
-
 from protocol import canonical, ids
 from protocol.errors import (InvalidAlias, InvalidRequest, NodeUnavailable, SandboxNotFound, SandboxNotRunning,
-                             SnapshotNotFound, SnapshotNotReady, TCError, TemplateAttemptInProgress, Timeout)
+                             TCError, Timeout)
 from protocol.fingerprints import artifact_id
 
 from ..compat.evaluate import Compat, Policy, evaluate
-from ..db.models import Snapshot
 from ..health import Health
 from ..jobs.base import JobContext
 from ..sandboxes import catalog_sandboxes, record, template_row
+from ..snapshots import rows as snapshot_rows
 from ..storage import check_writable
 from .create_job import GC_TTL_MS, CreateJob, Services
 from .placement import targets as placeable_targets
@@ -112,13 +110,6 @@ def commit_request(args: Mapping[str, Any]) -> dict[str, Any]:
             "nodes": sorted(set(nodes)), "rootfs_only": bool(args.get("rootfs_only"))}
 
 
-def _snapshot_row(engine: Any, snapshot_id: str) -> dict[str, Any] | None:
-    t = Snapshot.__table__
-    with engine.connect() as c:
-        row = c.execute(select(t).where(t.c.id == snapshot_id)).mappings().first()
-        return dict(row) if row else None
-
-
 def source_of(services: Services, request: Mapping[str, Any]) -> dict[str, Any]:
     """The commit source as it is now: origin node, export arguments and what the template
     inherits (TPL-23). Raises the source's refusal."""
@@ -136,14 +127,7 @@ def source_of(services: Services, request: Mapping[str, Any]) -> dict[str, Any]:
         return {"node": rec["node_id"], "export": {"sandbox_id": sid}, "runtime_config": rec["runtime_config"] or {},
                 "vcpus": rec["vcpus"], "memory_mib": rec["memory_mib"],
                 "probe": spec.get("template_probe") or "started", "compat_policy": spec.get("compat_policy")}
-    snap = _snapshot_row(engine, sid)
-    if snap is None or snap["status"] == "DELETED":  # a tombstone is no source (SNAP-12)
-        raise SnapshotNotFound(f"snapshot {sid} not found", {"snapshot": sid})
-    status = snap["status"]
-    if status == "FAILED":
-        raise SnapshotNotReady(f"snapshot {sid} is FAILED", {"snapshot": sid, "status": status})
-    if status != "READY":
-        raise TemplateAttemptInProgress(f"snapshot {sid} is {status}", {"snapshot": sid, "status": status})
+    snap = snapshot_rows.check_source(sid, snapshot_rows.get(engine, sid))  # SNAP-8, SNAP-12
     rec = record(engine, snap["sandbox_id"]) or {}
     tpl = template_row(engine, snap["template_id"]) if snap["template_id"] else None
     tspec = (tpl or {}).get("spec") or {}
