@@ -102,6 +102,17 @@ def catalog_sandboxes(engine: Engine, sandbox_id: str | None = None) -> dict[str
         return {e: (n, b or {}) for n, e, b in c.execute(stmt.order_by(C.c.node_id))}
 
 
+def locate(engine: Engine, sandbox_id: str) -> tuple[dict[str, Any] | None, str, str]:
+    """(record, node, live state) of a sandbox the coordinator or a node's catalog knows; the
+    live state is the catalog's when it lists the sandbox (CAT-6). SandboxNotFound otherwise."""
+    rec = record(engine, sandbox_id)
+    live = catalog_sandboxes(engine, sandbox_id).get(sandbox_id)
+    if rec is None and live is None:
+        raise SandboxNotFound(f"sandbox {sandbox_id} not found", {"sandbox": sandbox_id})
+    v = view(rec, live)
+    return rec, str(v["node_id"]), str(v["state"])
+
+
 def template_row(engine: Engine, template_id: str) -> dict[str, Any] | None:
     with engine.connect() as c:
         row = c.execute(select(T).where(T.c.id == template_id)).mappings().first()

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from protocol import ids
-from protocol.errors import (InvalidRequest, NodeUnavailable, SandboxNotFound, SandboxNotRunning, SandboxUnsupported,
+from protocol.errors import (InvalidRequest, NodeUnavailable, SandboxNotRunning, SandboxUnsupported,
                              SnapshotNotFound, SnapshotReplicaMetadataIncomplete,
                              SnapshotSandboxMismatch, TCError, TemplateAttemptInProgress, Timeout, error_class)
 
@@ -30,7 +30,7 @@ from ..jobs import transitions as tr
 from ..jobs.requests import sanitize_and_digest
 from ..jobs.store import JobStore, job_info
 from ..resolve.index import ResolveIndex
-from ..sandboxes import catalog_sandboxes, record, view
+from ..sandboxes import locate
 from ..storage import check_writable
 from . import refs, rows
 from .jobs import info
@@ -111,15 +111,6 @@ class SnapshotOps:
                                              "operation": found[0]["operation"]})
         return None
 
-    def _sandbox(self, sandbox_id: str) -> tuple[dict[str, Any] | None, str, str]:
-        """(record, node, live state) of a sandbox the coordinator or a node catalog knows."""
-        rec = record(self.engine, sandbox_id)
-        live = catalog_sandboxes(self.engine, sandbox_id).get(sandbox_id)
-        if rec is None and live is None:
-            raise SandboxNotFound(f"sandbox {sandbox_id} not found", {"sandbox": sandbox_id})
-        v = view(rec, live)
-        return rec, str(v["node_id"]), str(v["state"])
-
     def _writable_node(self, node: str) -> None:
         """The node is reachable, sandbox-capable and may take writes (SNAP-2, SNAP-16)."""
         e = self.index.node(node)
@@ -153,7 +144,7 @@ class SnapshotOps:
         return await self._follow(job["id"])
 
     def _submit_create(self, request_id: str, sandbox: str, name: str, payload: dict[str, Any]) -> dict[str, Any]:
-        rec, node, state = self._sandbox(sandbox)
+        rec, node, state = locate(self.engine, sandbox)
         if state != "RUNNING":
             raise SandboxNotRunning(f"sandbox {sandbox} is {state or 'unknown'}, not RUNNING",
                                     {"sandbox": sandbox, "state": state})
@@ -202,7 +193,7 @@ class SnapshotOps:
             raise SnapshotSandboxMismatch(f"snapshot {snapshot} was taken from sandbox {snap['sandbox_id']}, "
                                           f"not {sandbox}", {"snapshot": snapshot, "sandbox": sandbox,
                                                               "origin": snap["sandbox_id"]})
-        self._sandbox(sandbox)
+        locate(self.engine, sandbox)
         self._writable_node(snap["node_id"])  # SNAP-9: rollback stays on the origin node
         return self.jobs.submit_job(request_id=request_id, operation="SNAPSHOT_ROLLBACK", resource_type="snapshot",
                                     resource_id=snapshot, request=payload, phase="ROLLBACK_PREPARING",

@@ -67,7 +67,7 @@ from protocol.fingerprints import artifact_id
 from ..compat.evaluate import Compat, Policy, evaluate
 from ..health import Health
 from ..jobs.base import JobContext
-from ..sandboxes import catalog_sandboxes, record, template_row
+from ..sandboxes import locate, record, template_row
 from ..snapshots import rows as snapshot_rows
 from ..storage import check_writable
 from .create_job import GC_TTL_MS, CreateJob, Services
@@ -116,11 +116,9 @@ def source_of(services: Services, request: Mapping[str, Any]) -> dict[str, Any]:
     engine = services.fleet.engine
     kind, sid = request["source"]["kind"], request["source"]["id"]
     if kind == "sandbox":
-        rec = record(engine, sid)
-        if rec is None:
+        rec, _, state = locate(engine, sid)
+        if rec is None:  # on a node but never recorded: no runtime config to inherit
             raise SandboxNotFound(f"sandbox {sid} not found", {"sandbox": sid})
-        live = catalog_sandboxes(engine, sid).get(sid)
-        state = (live[1].get("state") if live else None) or rec["state"]
         if state != "RUNNING":
             raise SandboxNotRunning(f"sandbox {sid} is {state}, not RUNNING", {"sandbox": sid, "state": state})
         spec = rec["spec"] or {}
